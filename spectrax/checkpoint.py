@@ -1,0 +1,133 @@
+"""The one place that calls Orbax: save / restore of the training state and the data position.
+
+A checkpoint at step N holds three items:
+- ``state``: model parameters, other model variables (BatchNorm statistics), optimiser state
+  and the step counter, each array saved with its sharding (restoring onto another mesh
+  reshards);
+- ``data``: the Grain iterator state (JSON), so a resumed run continues the same batch stream;
+- ``meta``: JSON facts about the run (config name, model summary, normalisation statistics).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed during a save leaves the previous checkpoint intact and :meth:`Checkpointer.latest_step`
+only ever sees complete ones.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose arrays do not fit the model being restored."""
+
+
+def path_str(path) -> str:
+    """'encoder/stem/conv1/kernel' from a jax key path (NNX's trailing 'value' dropped)."""
+    parts = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(name))
+    if parts and parts[-1] == "value":
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def flat_shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): tuple(getattr(x, "shape", ())) for p, x in leaves}
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints under ``<workdir>/checkpoints``."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict, *,
+             force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore(self, abstract_state: Any, step: int | None = None):
+        """Restores onto ``abstract_state`` (ShapeDtypeStructs carrying the target shardings).
+
+        Returns (state, data_state, meta). Raises CheckpointMismatchError listing every array
+        whose name or shape differs when the checkpoint belongs to another architecture.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        self._check_compatible(step, abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.data, restored.meta
+
+    def restore_raw(self, step: int | None = None):
+        """The saved state as it is on disk (host arrays), without a target structure."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def _check_compatible(self, step: int, abstract_state: Any) -> None:
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # metadata unavailable: let Orbax report what it finds
+            return
+        if saved is None:
+            return
+        want, have = flat_shapes(abstract_state), flat_shapes(saved)
+        problems = [f"  missing in checkpoint: {k} {want[k]}" for k in sorted(set(want) - set(have))]
+        problems += [f"  not in model: {k} {have[k]}" for k in sorted(set(have) - set(want))]
+        problems += [f"  shape differs: {k} model {want[k]} vs checkpoint {have[k]}"
+                     for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        if problems:
+            shown = problems[:40] + ([f"  ... and {len(problems) - 40} more"]
+                                     if len(problems) > 40 else [])
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not match this model "
+                f"({len(problems)} differences):\n" + "\n".join(shown))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def subtree(tree: dict, prefix: str) -> dict:
+    """The nested-dict subtree at 'a/b' (raises KeyError naming what exists)."""
+    node = tree
+    for part in [p for p in prefix.split("/") if p]:
+        if not isinstance(node, dict) or part not in node:
+            have = sorted(node) if isinstance(node, dict) else type(node).__name__
+            raise KeyError(f"no '{part}' in checkpoint tree at '{prefix}' (have {have})")
+        node = node[part]
+    return node
+
+
+def to_numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+logging.getLogger("absl").setLevel(logging.WARNING)

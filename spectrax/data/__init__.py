@@ -1,0 +1,1 @@
+"""Data: instrument wavelength grids, survey readers, shards and the input pipeline."""

@@ -1,0 +1,586 @@
+"""DESI coadd + redrock reader: b, r, z cameras merged onto the 7781-pixel grid, redshifts joined.
+
+A DESI coadd file (desispec ``coadd-*.fits``) holds, per camera c in {B, R, Z}, the images
+``c_WAVELENGTH`` [Lc] (vacuum Å), ``c_FLUX`` [N, Lc] (1e-17 erg/s/cm²/Å), ``c_IVAR`` [N, Lc] and
+``c_MASK`` [N, Lc] (a bitmask: 0 = good), plus a ``FIBERMAP`` table with one row per target.
+Redshifts come from the matching redrock file (``REDSHIFTS`` table), joined by TARGETID.
+
+The cameras overlap (b/r 5760–5800 Å, r/z 7520–7620 Å); :func:`merge_cameras` combines them
+by inverse-variance weighting onto :func:`spectrax.data.grids.desi_wavelength`, which is what
+SpecPT takes as input. The survey's sample cuts (:func:`bgs_quality_cuts`,
+:func:`elg_quality_cuts`) live here too, next to the columns they read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from astropy.io import fits
+
+from spectrax.data.grids import DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP, desi_wavelength
+from spectrax.spectra import SpectrumError, sanitize_record
+
+# Largest distance (Å) between a camera pixel and the grid pixel it is mapped to. Real coadds
+# sit on the grid to ~1e-9 Å; anything beyond 1e-3 Å means a different grid (e.g. a frame or
+# a resampled product), which would need flux-conserving resampling rather than a merge.
+GRID_TOLERANCE = 1e-3
+
+# Cameras in the order they are looked for. A "BRZ" coadd (cameras already combined by
+# desispec) is read as a single camera on the same grid.
+CAMERA_NAMES = ("B", "R", "Z", "BRZ")
+
+# Why a FIBERMAP row can be left out (keys of DesiReadResult.counts).
+SKIP_REASONS = ("sky_or_negative_targetid", "duplicate_targetid", "all_pixels_masked",
+                "no_redshift_match")
+
+# Scalar catalogue columns copied into each record's "meta" when the file has them.
+FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "OBJTYPE", "COADD_FIBERSTATUS", "TILEID", "FIBER",
+                 "DESI_TARGET", "BGS_TARGET")
+REDSHIFT_META = ("Z", "ZERR", "ZWARN", "SPECTYPE", "SUBTYPE", "DELTACHI2", "CHI2", "NPIXELS",
+                 "FOII_SNR")
+
+
+@dataclasses.dataclass
+class DesiReadResult:
+    """What :func:`read_desi_coadd` returns.
+
+    Attributes:
+      records: one dict per usable target: ``flux`` [7781] float32 (1e-17 erg/s/cm²/Å, 0 where
+        bad), ``ivar`` [7781] float32 (0 where bad), ``mask`` [7781] bool (True = valid),
+        ``id`` (TARGETID, np.int64), ``labels`` [1] float32 (redrock Z, NaN when unknown),
+        ``meta`` (dict of Python scalars from FIBERMAP and REDSHIFTS).
+      counts: what was skipped and why (``sky_or_negative_targetid``, ``duplicate_targetid``,
+        ``all_pixels_masked``, ``no_redshift_match``), targets kept without a redshift
+        (``labels_missing``), camera pixels excluded before merging (``camera_flagged``,
+        ``camera_nonfinite_flux``, ``camera_nonfinite_ivar``, ``camera_nonpositive_ivar``) and
+        the :func:`sanitize_record` counts of the kept merged spectra, summed and prefixed
+        ``merged_`` (``merged_flagged`` = grid pixels no camera covered validly).
+      wavelength: [7781] float64, the grid every record is on (vacuum Å).
+      path: the coadd file read.
+    """
+
+    records: list[dict]
+    counts: dict[str, int]
+    wavelength: np.ndarray
+    path: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Camera merge
+# ----------------------------------------------------------------------------------------------
+
+def camera_grid_indices(wave: np.ndarray, camera: str = "?") -> np.ndarray:
+    """Maps camera wavelengths onto the merged grid.
+
+    Args:
+      wave: [Lc] camera wavelengths, vacuum Å.
+      camera: name used in error messages.
+
+    Returns:
+      [Lc] int64 indices into :func:`desi_wavelength`, strictly increasing.
+
+    Raises:
+      SpectrumError: when a pixel lies off the grid (beyond ``GRID_TOLERANCE``), outside
+        3600–9824 Å, or the wavelengths are not increasing. We do not resample: every real
+        DESI coadd is on this grid, and silently interpolating would hide a wrong input file.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    if wave.ndim != 1 or wave.size == 0:
+        raise SpectrumError(f"camera {camera}: wavelength must be a non-empty 1-D array, "
+                            f"got shape {wave.shape}")
+    idx = np.rint((wave - DESI_WAVE_MIN) / DESI_WAVE_STEP).astype(np.int64)
+    inside = (idx >= 0) & (idx < DESI_NPIX)
+    if not inside.all():
+        raise SpectrumError(
+            f"camera {camera}: {int((~inside).sum())} wavelengths fall outside the DESI grid "
+            f"{DESI_WAVE_MIN}–{desi_wavelength()[-1]} Å (camera spans {wave.min():.3f}–"
+            f"{wave.max():.3f} Å)")
+    offset = np.abs(desi_wavelength()[idx] - wave)
+    if offset.max() >= GRID_TOLERANCE:
+        raise SpectrumError(
+            f"camera {camera} is not on the DESI 0.8 Å grid: max |Δλ| to the nearest grid pixel "
+            f"is {offset.max():.4g} Å (tolerance {GRID_TOLERANCE} Å); this reader merges coadds "
+            "and does not resample")
+    if np.any(np.diff(idx) <= 0):
+        raise SpectrumError(f"camera {camera}: wavelengths are not strictly increasing")
+    return idx
+
+
+def camera_pixel_ok(flux: np.ndarray, ivar: np.ndarray,
+                    bitmask: np.ndarray | None) -> np.ndarray:
+    """[N, Lc] bool: camera pixels that may contribute (MASK == 0, ivar > 0, both finite)."""
+    ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    if bitmask is not None:
+        ok &= np.asarray(bitmask) == 0
+    return ok
+
+
+def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarray],
+                  ivars: Mapping[str, np.ndarray],
+                  masks: Mapping[str, np.ndarray] | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merges DESI camera spectra onto the 7781-pixel grid by inverse-variance weighting.
+
+    For each grid pixel, over the cameras whose pixel there is usable,
+    ``flux = Σ ivar_c f_c / Σ ivar_c`` and ``ivar = Σ ivar_c``. A grid pixel that no camera
+    covers with a usable pixel gets flux 0, ivar 0, mask False: merging never invents flux.
+
+    Args:
+      waves: camera name → [Lc] wavelengths (vacuum Å), on the 0.8 Å grid.
+      fluxes: camera name → [N, Lc] flux (any consistent unit).
+      ivars: camera name → [N, Lc] inverse variance (unit⁻²).
+      masks: camera name → [N, Lc] DESI bitmask where 0 = good (NOT the spectrax
+        True-is-valid convention: these are the survey's MASK images). ``None`` or a missing
+        camera means all pixels unflagged.
+
+    Returns:
+      (flux [N, 7781] float32, ivar [N, 7781] float32, mask [N, 7781] bool, True = valid).
+
+    Raises:
+      SpectrumError: if the cameras disagree on N, a camera's arrays disagree with its
+        wavelength length, or a camera is not on the grid (see :func:`camera_grid_indices`).
+    """
+    if not waves:
+        raise SpectrumError("merge_cameras: no cameras given")
+    masks = masks or {}
+    n_rows = {np.shape(fluxes[c])[0] for c in waves}
+    if len(n_rows) != 1:
+        raise SpectrumError(f"merge_cameras: cameras have different numbers of spectra {n_rows}")
+    n = n_rows.pop()
+    # Accumulate in float64: the float32 products ivar·f are then exact, so a pixel seen by one
+    # camera only comes back bit-identical to that camera's flux.
+    num = np.zeros((n, DESI_NPIX), np.float64)
+    den = np.zeros((n, DESI_NPIX), np.float64)
+    for cam, wave in waves.items():
+        idx = camera_grid_indices(wave, cam)
+        flux = np.asarray(fluxes[cam], np.float64)
+        ivar = np.asarray(ivars[cam], np.float64)
+        for name, arr in (("flux", flux), ("ivar", ivar)):
+            if arr.shape != (n, idx.size):
+                raise SpectrumError(f"camera {cam}: {name} has shape {arr.shape}, expected "
+                                    f"{(n, idx.size)} from its wavelength array")
+        ok = camera_pixel_ok(flux, ivar, masks.get(cam))
+        w = np.where(ok, ivar, 0.0)
+        # idx is strictly increasing, so fancy-index += never hits the same pixel twice.
+        num[:, idx] += w * np.where(ok, flux, 0.0)
+        den[:, idx] += w
+    good = den > 0
+    merged = np.divide(num, den, out=np.zeros_like(num), where=good)
+    return merged.astype(np.float32), den.astype(np.float32), good
+
+
+def camera_pixel_counts(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np.ndarray],
+                        masks: Mapping[str, np.ndarray] | None,
+                        rows: np.ndarray | None = None) -> dict[str, int]:
+    """Counts camera pixels that :func:`merge_cameras` excludes, by first reason that applies.
+
+    A pixel flagged in MASK counts as ``camera_flagged`` only; an unflagged one with non-finite
+    flux as ``camera_nonfinite_flux``; then non-finite ivar; then ivar <= 0. ``rows`` restricts
+    the count to the given spectra (those kept), so skipped sky fibres do not inflate it.
+    """
+    counts = dict.fromkeys(("camera_flagged", "camera_nonfinite_flux", "camera_nonfinite_ivar",
+                            "camera_nonpositive_ivar"), 0)
+    masks = masks or {}
+    for cam in fluxes:
+        flux = np.asarray(fluxes[cam])
+        ivar = np.asarray(ivars[cam])
+        flagged = (np.asarray(masks[cam]) != 0) if cam in masks else np.zeros(flux.shape, bool)
+        if rows is not None:
+            flux, ivar, flagged = flux[rows], ivar[rows], flagged[rows]
+        left = ~flagged
+        counts["camera_flagged"] += int(flagged.sum())
+        bad = left & ~np.isfinite(flux)
+        counts["camera_nonfinite_flux"] += int(bad.sum())
+        left &= ~bad
+        bad = left & ~np.isfinite(ivar)
+        counts["camera_nonfinite_ivar"] += int(bad.sum())
+        left &= ~bad
+        counts["camera_nonpositive_ivar"] += int((left & (ivar <= 0)).sum())
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# FITS access with errors that name the file
+# ----------------------------------------------------------------------------------------------
+
+def _open_fits(path: Path) -> fits.HDUList:
+    """Opens a FITS file, reading every header now, so truncation surfaces here with the name.
+
+    astropy only *warns* about a truncated file (and then serves short or missing HDUs), so
+    its warnings are caught: a truncation warning becomes an error, others are re-issued with
+    the file name, and all of them are quoted when opening fails.
+    """
+    if not path.exists():
+        raise SpectrumError(f"{path}: file not found")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        except Exception as exc:  # OSError, ValueError, … depending on where the file breaks
+            notes = "; ".join(str(w.message) for w in caught)
+            raise SpectrumError(f"{path}: cannot read as FITS (truncated or corrupt?): "
+                                f"{type(exc).__name__}: {exc}" + (f" [{notes}]" if notes else "")
+                                ) from exc
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        hdul.close()
+        raise SpectrumError(f"{path}: FITS file is truncated: {truncated[0]}")
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", stacklevel=3)
+    return hdul
+
+
+def _hdu_names(hdul: fits.HDUList) -> list[str]:
+    return [h.name for h in hdul]
+
+
+def _get_data(hdul: fits.HDUList, name: str, path: Path) -> Any:
+    """Data of HDU ``name``; SpectrumError naming the file and listing its HDUs if absent."""
+    if name not in hdul:
+        raise SpectrumError(f"{path}: no HDU '{name}'; the file has {_hdu_names(hdul)}")
+    try:
+        return hdul[name].data
+    except Exception as exc:
+        raise SpectrumError(f"{path}: HDU '{name}' cannot be read (truncated or corrupt?): "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
+def _table_columns(table: Any, required: Sequence[str], optional: Sequence[str],
+                   where: str) -> dict[str, np.ndarray]:
+    """Columns of a FITS table as plain numpy arrays (native byte order, str not bytes)."""
+    names = list(getattr(table, "colnames", None) or table.columns.names)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise SpectrumError(f"{where}: missing column(s) {missing}; the table has {names}")
+    out = {}
+    for col in (*required, *[c for c in optional if c in names]):
+        arr = np.asarray(table[col])
+        if arr.dtype.kind in "SU":
+            arr = np.char.strip(arr.astype(str))
+        elif arr.dtype.byteorder not in ("=", "|"):
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        out[col] = arr
+    return out
+
+
+def _read_cameras(hdul: fits.HDUList, path: Path, n_rows: int) -> tuple[dict, dict, dict, dict]:
+    """Reads {camera: wave [Lc]}, {camera: flux [N, Lc]}, ivar and MASK for every camera present."""
+    cams = [c for c in CAMERA_NAMES if f"{c}_WAVELENGTH" in hdul]
+    if not cams:
+        looked_for = [f"{c}_WAVELENGTH" for c in CAMERA_NAMES]
+        raise SpectrumError(f"{path}: no camera found (looked for {looked_for}); "
+                            f"the file has {_hdu_names(hdul)}")
+    waves, fluxes, ivars, masks = {}, {}, {}, {}
+    for cam in cams:
+        waves[cam] = np.asarray(_get_data(hdul, f"{cam}_WAVELENGTH", path), np.float64)
+        fluxes[cam] = np.asarray(_get_data(hdul, f"{cam}_FLUX", path), np.float64)
+        ivars[cam] = np.asarray(_get_data(hdul, f"{cam}_IVAR", path), np.float64)
+        masks[cam] = np.asarray(_get_data(hdul, f"{cam}_MASK", path)).astype(np.int64)
+        for name, arr in (("FLUX", fluxes[cam]), ("IVAR", ivars[cam]), ("MASK", masks[cam])):
+            if arr.shape != (n_rows, waves[cam].size):
+                raise SpectrumError(
+                    f"{path}: {cam}_{name} has shape {arr.shape}, expected "
+                    f"{(n_rows, waves[cam].size)} (FIBERMAP rows × {cam}_WAVELENGTH length)")
+    return waves, fluxes, ivars, masks
+
+
+def read_redshifts(path: str | Path, *, hdu: str = "REDSHIFTS") -> dict[str, np.ndarray]:
+    """Reads a redrock REDSHIFTS table as {column: [M] array} (TARGETID and Z required).
+
+    String columns (SPECTYPE, SUBTYPE) come back stripped ``str``; vector columns (COEFF) are
+    kept as [M, K] arrays. Raises SpectrumError naming the file if the HDU or a column is missing.
+    """
+    path = Path(path)
+    with _open_fits(path) as hdul:
+        table = _get_data(hdul, hdu, path)
+        return _table_columns(table, ("TARGETID", "Z"),
+                              [c for c in table.columns.names if c not in ("TARGETID", "Z")],
+                              f"{path} HDU {hdu}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Coadd reader
+# ----------------------------------------------------------------------------------------------
+
+def _scalar(value: Any) -> Any:
+    """A numpy scalar as the matching Python scalar (str, int, float, bool)."""
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode().strip()
+    if isinstance(value, (str, np.str_)):
+        return str(value).strip()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _row_meta(columns: Mapping[str, np.ndarray], row: int, names: Sequence[str]) -> dict:
+    return {k: _scalar(columns[k][row]) for k in names
+            if k in columns and np.ndim(columns[k]) == 1}
+
+
+def _redshift_lookup(z_cols: Mapping[str, np.ndarray] | None,
+                     counts: dict[str, int]) -> dict[int, int]:
+    """TARGETID → first REDSHIFTS row with it (repeats counted as duplicate_redshift_targetid)."""
+    if z_cols is None:
+        return {}
+    lookup: dict[int, int] = {}
+    for row, tid in enumerate(z_cols["TARGETID"].tolist()):
+        if tid in lookup:
+            counts["duplicate_redshift_targetid"] = counts.get("duplicate_redshift_targetid", 0) + 1
+        else:
+            lookup[tid] = row
+    return lookup
+
+
+def _load_redshift_table(coadd_hdul: fits.HDUList, coadd_path: Path,
+                         redrock_path: str | Path | None,
+                         require_redshift: bool) -> dict[str, np.ndarray] | None:
+    """The REDSHIFTS columns from ``redrock_path``, else from the coadd itself if it has them.
+
+    Returns None when there is no redshift source and none is required.
+    """
+    if redrock_path is not None:
+        return read_redshifts(redrock_path)
+    if "REDSHIFTS" in coadd_hdul:
+        table = _get_data(coadd_hdul, "REDSHIFTS", coadd_path)
+        return _table_columns(table, ("TARGETID", "Z"), REDSHIFT_META,
+                              f"{coadd_path} HDU REDSHIFTS")
+    if require_redshift:
+        raise SpectrumError(
+            f"{coadd_path}: require_redshift=True but no redrock file was given and the coadd "
+            f"has no REDSHIFTS HDU (it has {_hdu_names(coadd_hdul)}); pass redrock_path=")
+    return None
+
+
+def _bump(counts: dict[str, int], key: str, by: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + by
+
+
+def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = None, *,
+                    require_redshift: bool = False) -> DesiReadResult:
+    """Reads a DESI coadd, merges its cameras and joins redrock redshifts by TARGETID.
+
+    Rows are skipped, and counted, when they are sky fibres (FIBERMAP OBJTYPE == 'SKY') or have
+    TARGETID < 0 (unassigned/stuck positioners), repeat a TARGETID already read (the first
+    is kept), have no valid merged pixel, or (with ``require_redshift``) have no REDSHIFTS row.
+
+    Args:
+      coadd_path: a desispec ``coadd-*.fits``.
+      redrock_path: the matching ``redrock-*.fits``; when None, a REDSHIFTS HDU in the coadd
+        itself is used if present.
+      require_redshift: if True, a missing redshift source is an error and targets without a
+        redshift are skipped; if False they are kept with label NaN.
+
+    Returns:
+      :class:`DesiReadResult` (records on the 7781-pixel grid, counts, grid, path).
+
+    Raises:
+      SpectrumError: naming the file (and row/TARGETID for per-record problems) when the file
+        is missing, truncated or corrupt, or lacks an HDU or column (listing what it has).
+    """
+    path = Path(coadd_path)
+    with _open_fits(path) as hdul:
+        fibermap = _table_columns(_get_data(hdul, "FIBERMAP", path), ("TARGETID",),
+                                  ("OBJTYPE", *FIBERMAP_META), f"{path} HDU FIBERMAP")
+        n_rows = fibermap["TARGETID"].shape[0]
+        waves, fluxes, ivars, masks = _read_cameras(hdul, path, n_rows)
+        z_cols = _load_redshift_table(hdul, path, redrock_path, require_redshift)
+
+    # Every skip reason is reported, zeros included, so callers can index counts directly.
+    counts: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
+    flux, ivar, good = merge_cameras(waves, fluxes, ivars, masks)
+    coadd = _MergedCoadd(path=path, fibermap=fibermap, z_cols=z_cols,
+                         z_row_of=_redshift_lookup(z_cols, counts), flux=flux, ivar=ivar,
+                         good=good)
+    records, kept_rows, seen = [], [], set()
+    for row in range(n_rows):
+        record = _make_record(coadd, row, require_redshift, seen, counts)
+        if record is not None:
+            records.append(record)
+            kept_rows.append(row)
+    for key, value in camera_pixel_counts(fluxes, ivars, masks,
+                                          np.asarray(kept_rows, np.int64)).items():
+        _bump(counts, key, value)
+    return DesiReadResult(records=records, counts=counts, wavelength=desi_wavelength(),
+                          path=str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _MergedCoadd:
+    """One coadd after reading and merging: what turning a row into a record needs."""
+
+    path: Path
+    fibermap: Mapping[str, np.ndarray]         # FIBERMAP columns, [N] each
+    z_cols: Mapping[str, np.ndarray] | None    # REDSHIFTS columns, [M] each (None: no redshifts)
+    z_row_of: Mapping[int, int]                # TARGETID → REDSHIFTS row
+    flux: np.ndarray                           # [N, 7781] float32, merged
+    ivar: np.ndarray                           # [N, 7781] float32, merged
+    good: np.ndarray                           # [N, 7781] bool, True = valid
+
+
+def _is_sky_or_unassigned(fibermap: Mapping[str, np.ndarray], row: int, tid: int) -> bool:
+    objtype = fibermap["OBJTYPE"][row] if "OBJTYPE" in fibermap else ""
+    return tid < 0 or objtype == "SKY"
+
+
+def _make_record(coadd: _MergedCoadd, row: int, require_redshift: bool, seen: set,
+                 counts: dict[str, int]) -> dict | None:
+    """One FIBERMAP row as a sanitized record, or None (with the reason counted) if skipped.
+
+    ``seen`` collects the TARGETIDs already taken, so repeats are skipped; ``counts`` is
+    updated in place.
+    """
+    tid = int(coadd.fibermap["TARGETID"][row])
+    if _is_sky_or_unassigned(coadd.fibermap, row, tid):
+        _bump(counts, "sky_or_negative_targetid")
+        return None
+    if tid in seen:
+        _bump(counts, "duplicate_targetid")
+        return None
+    seen.add(tid)
+    z_row = coadd.z_row_of.get(tid)
+    if z_row is None and require_redshift:
+        _bump(counts, "no_redshift_match")
+        return None
+    meta = _row_meta(coadd.fibermap, row, FIBERMAP_META)
+    label = np.nan
+    if z_row is not None:
+        meta.update(_row_meta(coadd.z_cols, z_row, REDSHIFT_META))
+        label = float(coadd.z_cols["Z"][z_row])
+    where = f"{coadd.path} row {row} (TARGETID {tid})"
+    clean, pix = sanitize_record({"flux": coadd.flux[row], "ivar": coadd.ivar[row],
+                                  "mask": coadd.good[row],
+                                  "labels": np.array([label], np.float32)}, where=where)
+    if pix["valid_pixels"] == 0:
+        _bump(counts, "all_pixels_masked")
+        return None
+    if z_row is None:
+        _bump(counts, "labels_missing")
+    for key, value in pix.items():
+        _bump(counts, f"merged_{key}", value)
+    clean["id"] = np.int64(tid)
+    clean["meta"] = meta
+    return clean
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample cuts
+# ----------------------------------------------------------------------------------------------
+
+class CutReport(dict):
+    """``{cut name: rows it removed}`` (a plain dict[str, int]) plus the cuts that were skipped.
+
+    Cuts are applied in order, each to the rows that survived the previous ones, so
+    ``sum(report.values()) + keep.sum() == number of input rows``.
+
+    Attributes:
+      skipped: names of cuts not applied because their column(s) are missing.
+    """
+
+    def __init__(self, removed: Mapping[str, int], skipped: Sequence[str]):
+        super().__init__(removed)
+        self.skipped = tuple(skipped)
+
+
+def _catalogue_columns(catalogue: Any) -> dict[str, np.ndarray]:
+    """{column: [M] array} from records (dicts with "meta"), a DesiReadResult, a FITS/astropy
+    table or a dict of arrays. A column missing from some records is NaN / '' there."""
+    if isinstance(catalogue, DesiReadResult):
+        catalogue = catalogue.records
+    if isinstance(catalogue, Mapping):
+        return {k: np.asarray(v) for k, v in catalogue.items()}
+    if isinstance(catalogue, (list, tuple)):
+        metas = [r.get("meta", r) for r in catalogue]
+        names = sorted({k for m in metas for k in m})
+        cols = {}
+        for k in names:
+            vals = [m.get(k) for m in metas]
+            is_str = any(isinstance(v, str) for v in vals)
+            cols[k] = np.array(["" if v is None else v for v in vals] if is_str else
+                               [np.nan if v is None else v for v in vals])
+        return cols
+    names = getattr(getattr(catalogue, "columns", None), "names", None) or \
+        getattr(catalogue, "colnames", None)
+    if names is None:
+        raise TypeError(f"cannot read catalogue columns from {type(catalogue).__name__}; pass "
+                        "records, a DesiReadResult, a FITS/astropy table or a dict of arrays")
+    return _table_columns(catalogue, (), list(names), "catalogue")
+
+
+def _num_rows(cols: Mapping[str, np.ndarray], catalogue: Any) -> int:
+    if cols:
+        return len(next(iter(cols.values())))
+    return len(catalogue.records if isinstance(catalogue, DesiReadResult) else catalogue)
+
+
+def _apply_cuts(catalogue: Any,
+                cuts: Sequence[tuple[str, tuple[str, ...], Any]]) -> tuple[np.ndarray, CutReport]:
+    """Applies named cuts in order. Each cut is (name, columns needed, fn(cols) -> [M] bool)."""
+    cols = _catalogue_columns(catalogue)
+    keep = np.ones(_num_rows(cols, catalogue), bool)
+    removed, skipped = {}, []
+    for name, needed, passes in cuts:
+        if not all(c in cols for c in needed):
+            skipped.append(name)
+            continue
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ok = np.asarray(passes(cols), bool)
+        removed[name] = int((keep & ~ok).sum())
+        keep &= ok
+    return keep, CutReport(removed, skipped)
+
+
+def _float(cols: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    return np.asarray(cols[name], np.float64)
+
+
+def bgs_quality_cuts(catalogue: Any) -> tuple[np.ndarray, CutReport]:
+    """BGS redshift-quality cuts of Hahn et al. (2023), as used for SpecPT's BGS sample.
+
+    In order: ZWARN == 0; SPECTYPE == 'GALAXY'; ZERR < 0.0005 (1 + Z); DELTACHI2 > 40. A cut
+    whose column is absent is skipped and listed in ``report.skipped``. NaN values fail a cut.
+
+    Args:
+      catalogue: records from :func:`read_desi_coadd` (their ``meta``), a DesiReadResult, a
+        REDSHIFTS FITS table / astropy Table, or a dict {column: [M] array}.
+
+    Returns:
+      (keep [M] bool, report): ``report[cut]`` = rows that cut removed among those the earlier
+      cuts kept, so the numbers add up to the rows dropped.
+    """
+    return _apply_cuts(catalogue, (
+        ("ZWARN", ("ZWARN",), lambda c: _float(c, "ZWARN") == 0),
+        ("SPECTYPE", ("SPECTYPE",), lambda c: np.char.strip(c["SPECTYPE"].astype(str)) == "GALAXY"),
+        ("ZERR", ("ZERR", "Z"), lambda c: _float(c, "ZERR") < 0.0005 * (1.0 + _float(c, "Z"))),
+        ("DELTACHI2", ("DELTACHI2",), lambda c: _float(c, "DELTACHI2") > 40.0),
+    ))
+
+
+def elg_oii_criterion(foii_snr: np.ndarray, deltachi2: np.ndarray) -> np.ndarray:
+    """Raichoor et al. (2023, AJ 165, 126) ELG redshift-success criterion, [M] bool:
+
+        log10(FOII_SNR) > 0.9 − 0.2 · log10(DELTACHI2)
+
+    FOII_SNR is the [OII] λλ3726,29 flux S/N (emline catalogue: OII_FLUX · sqrt(OII_FLUX_IVAR)),
+    DELTACHI2 redrock's Δχ² to the next-best fit. Where either is <= 0 or NaN the logarithm is
+    undefined and the row fails (a non-detection is not a confident redshift).
+    """
+    foii_snr = np.asarray(foii_snr, np.float64)
+    deltachi2 = np.asarray(deltachi2, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ok = np.log10(foii_snr) > 0.9 - 0.2 * np.log10(deltachi2)
+    return ok & (foii_snr > 0) & (deltachi2 > 0)
+
+
+def elg_quality_cuts(catalogue: Any) -> tuple[np.ndarray, CutReport]:
+    """ELG cuts: ZWARN == 0, then the [OII]/Δχ² criterion of :func:`elg_oii_criterion`.
+
+    Same inputs, outputs and missing-column behaviour as :func:`bgs_quality_cuts`; the second
+    cut is named ``FOII_SNR_DELTACHI2`` and needs both columns.
+    """
+    return _apply_cuts(catalogue, (
+        ("ZWARN", ("ZWARN",), lambda c: _float(c, "ZWARN") == 0),
+        ("FOII_SNR_DELTACHI2", ("FOII_SNR", "DELTACHI2"),
+         lambda c: elg_oii_criterion(c["FOII_SNR"], c["DELTACHI2"])),
+    ))

@@ -1,0 +1,72 @@
+"""Model registry: ``config.model`` -> an NNX module, plus parameter accounting.
+
+The training loop, ``spectrax.predict`` and the benchmarks build models only through
+:func:`build_model`, so adding a model means adding one entry to :data:`BUILDERS`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+from flax import nnx
+
+
+def _specpt_autoencoder(m, rngs):
+    from spectrax.models import specpt
+    return specpt.SpecPTAutoencoder(specpt.specpt_config(m.variant or "small", dtype=m.dtype),
+                                    rngs=rngs)
+
+
+def _specpt_redshift(m, rngs):
+    from spectrax.models import specpt
+    return specpt.SpecPTRedshift(specpt.specpt_config(m.variant or "small", dtype=m.dtype),
+                                 head=m.head or None,
+                                 batch_mixing_attention=m.batch_mixing_attention, rngs=rngs)
+
+
+BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
+    "specpt_autoencoder": _specpt_autoencoder,
+    "specpt_redshift": _specpt_redshift,
+}
+
+
+def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds ``model_cfg.name`` (see :data:`BUILDERS`) with the config's variant/head."""
+    if model_cfg.name not in BUILDERS:
+        raise ValueError(f"config.model.name={model_cfg.name!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[model_cfg.name](model_cfg, rngs)
+
+
+def check_input_length(model_cfg, length: int | None) -> None:
+    """Fixed-grid models (SpecPT's paper architecture) refuse data of another length."""
+    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    cfg = getattr(model, "cfg", None)
+    fixed = getattr(cfg, "architecture", None) == "paper"
+    if fixed and length is not None and length != cfg.input_length:
+        raise ValueError(
+            f"model {model_cfg.name}:{model_cfg.variant} is defined on {cfg.input_length} pixels "
+            f"but the data have {length}; resample onto its grid (DESI: 3600-9824 Å, 0.8 Å) "
+            "or use a variant that accepts any length ('tokens')")
+
+
+def default_frozen(model_cfg) -> tuple[str, ...]:
+    """Parameter paths a model freezes by its own definition (e.g. SpecPT's paper heads)."""
+    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    return tuple(getattr(model, "frozen_paths", ()))
+
+
+def parameter_table(abstract_model: nnx.Module, model_cfg=None, depth: int = 2) -> dict:
+    """Parameter counts (nnx.Param only; BatchNorm statistics excluded) grouped by module path,
+    at most ``depth`` components deep. Paths in the model's ``unregistered_paths`` are listed but
+    left out of the total, as the reference's own count leaves them out."""
+    from spectrax.models import _param_sizes, _under
+
+    excluded = tuple(getattr(abstract_model, "unregistered_paths", ()))
+    rows: OrderedDict[str, int] = OrderedDict()
+    for path, size in _param_sizes(abstract_model):
+        module = path.split("/")[:-1]  # drop the leaf name (kernel, bias, ...)
+        key = "/".join(module[:depth])
+        rows[key] = rows.get(key, 0) + size
+    table = [{"path": k, "count": v, "excluded": any(_under(k, e) for e in excluded)}
+             for k, v in rows.items()]
+    return {"rows": table, "total": sum(r["count"] for r in table if not r["excluded"])}

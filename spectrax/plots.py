@@ -1,0 +1,101 @@
+"""Figures people look at: reconstructions, predicted vs true redshift, residuals, loss curves.
+
+Every function writes one PNG and returns its path; matplotlib runs headless (Agg).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+OUTLIER = 0.15  # |Δz| / (1 + z) beyond which a redshift is an outlier (SPECS.md section 5)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reconstructions(batch, recon: np.ndarray, path: Path, n: int = 6) -> Path:
+    """Observed flux (grey, masked pixels hidden) and reconstruction (red) for n spectra."""
+    n = int(min(n, int(np.sum(batch.valid))))
+    fig, axes = plt.subplots(n, 1, figsize=(11, 1.9 * n), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        m = np.asarray(batch.mask[i])
+        wave = np.asarray(batch.wavelength[i])
+        flux = np.where(m, np.asarray(batch.flux[i]), np.nan)
+        ax.plot(wave, flux, color="0.6", lw=0.4, label="observed")
+        ax.plot(wave[m], np.asarray(recon[i])[m], color="C3", lw=0.7, label="reconstruction")
+        lo, hi = np.nanpercentile(flux, [1, 99]) if np.isfinite(flux).any() else (0, 1)
+        pad = 0.3 * (hi - lo + 1e-9)
+        ax.set_ylim(lo - pad, hi + pad)
+        label = ""
+        if batch.labels.shape[1] and batch.label_mask[i, 0]:
+            label = f"z = {float(batch.labels[i, 0]):.4f}"
+        ids = getattr(batch, "ids", None)
+        if ids is not None:
+            label = f"id {int(ids[i])}  {label}"
+        ax.text(0.01, 0.85, label, transform=ax.transAxes, fontsize=8)
+        ax.set_ylabel("flux")
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("observed wavelength [Å]")
+    return _save(fig, path)
+
+
+def redshift_scatter(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Path:
+    """Predicted vs true redshift, with the 1:1 line and the ±0.15 (1+z) outlier bounds."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    lo, hi = float(min(z_true.min(), z_pred.min())), float(max(z_true.max(), z_pred.max()))
+    grid = np.linspace(lo, hi, 100)
+    out = np.abs(z_true - z_pred) / (1 + z_true) > OUTLIER
+    ax.scatter(z_true[~out], z_pred[~out], s=3, alpha=0.5, color="C0", label="test spectra")
+    if out.any():
+        ax.scatter(z_true[out], z_pred[out], s=6, color="C3", label=f"outliers ({out.sum()})")
+    ax.plot(grid, grid, "k-", lw=0.8)
+    for sign in (-1, 1):
+        ax.plot(grid, grid + sign * OUTLIER * (1 + grid), "k--", lw=0.6)
+    ax.set_xlabel("true z")
+    ax.set_ylabel("predicted z")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def redshift_residuals(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Path:
+    """Histogram of Δz/(1+z) (log y axis) with the ±0.15 outlier lines."""
+    r = (z_true - z_pred) / (1 + z_true)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    span = max(0.2, float(np.percentile(np.abs(r), 99.9)) * 1.1)
+    ax.hist(np.clip(r, -span, span), bins=121, range=(-span, span), color="C0")
+    ax.set_yscale("log")
+    for sign in (-1, 1):
+        ax.axvline(sign * OUTLIER, color="C3", ls="--", lw=0.8)
+    ax.set_xlabel("Δz / (1 + z_true)   (Δz = z_true − z_pred)")
+    ax.set_ylabel("spectra")
+    return _save(fig, path)
+
+
+def loss_curve(metrics_jsonl: Path, path: Path) -> Path:
+    """Training (and evaluation) loss against step from the run's metrics.jsonl."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    return _save(fig, path)

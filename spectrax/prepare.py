@@ -1,0 +1,264 @@
+r"""Survey files or the embedded simulator -> ArrayRecord shards: ``python -m spectrax.prepare``.
+
+Real DESI data (coadd + redrock FITS, matched by file name)::
+
+    python -m spectrax.prepare --survey=desi --input=path/to/coadds --output=data/my_desi \
+        --cuts=bgs
+
+reads every ``coadd-*.fits`` under ``--input`` (files or directories), joins the matching
+``redrock-*.fits`` (same suffix) by TARGETID, applies the quality cuts, assigns each spectrum
+to train/val/test by a hash of its TARGETID, and writes shards plus a manifest whose ``report``
+says how many spectra every cut and every reader rule removed. Train on it with
+``python -m spectrax.train --config=configs/specpt_redshift_bgs.py --config.data.path=data/my_desi``.
+
+The embedded simulator needs no command: training configs call :func:`ensure_data`, which
+generates and caches the shards the first time (``data/`` by default).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from spectrax.data import grids, shards
+from spectrax.spectra import SpectrumError, sanitize_record
+
+SIM_VERSION = 1  # bump when the simulator's output changes so caches are regenerated
+DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+DESI_GRID = {"kind": "linear", "start": grids.DESI_WAVE_MIN, "step": grids.DESI_WAVE_STEP,
+             "n": grids.DESI_NPIX}
+
+
+# ==============================================================================================
+# Shared: finishing a shard directory
+# ==============================================================================================
+def label_stats(values: np.ndarray, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean/std/median/MAD of each label over the train split (NaN ignored)."""
+    out = {}
+    for j, name in enumerate(names):
+        v = values[:, j][np.isfinite(values[:, j])]
+        if v.size:
+            med = float(np.median(v))
+            out[name] = {"mean": float(v.mean()), "std": float(v.std()), "median": med,
+                         "mad_std": float(1.4826 * np.median(np.abs(v - med))), "n": int(v.size)}
+    return out
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # the manifest only ever appears complete
+    return final
+
+
+# ==============================================================================================
+# The embedded simulator
+# ==============================================================================================
+SIMULATORS = {"desi_bgs": ("bgs",), "desi_elg": ("elg",)}
+
+
+def simulated_dir(data_cfg) -> Path:
+    key = json.dumps({"sim": data_cfg.simulator, "n": [data_cfg.n_train, data_cfg.n_val,
+                      data_cfg.n_test], "seed": data_cfg.sim_seed, "v": SIM_VERSION})
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    return Path(data_cfg.cache_dir) / f"{data_cfg.simulator}-{digest}"
+
+
+def simulate_to_shards(data_cfg, out: Path, *, chunk: int = 512) -> Path:
+    """Simulates train/val/test splits with independent seeds into ``out``."""
+    from spectrax.data import synthetic
+
+    if data_cfg.simulator not in SIMULATORS:
+        raise ValueError(f"config.data.simulator={data_cfg.simulator!r}; known: "
+                         f"{sorted(SIMULATORS)} (or set config.data.path to a shard directory)")
+    (sample,) = SIMULATORS[data_cfg.simulator]
+    tmp = _atomic_dir(out)
+    splits, train_z = {}, []
+    sizes = {"train": data_cfg.n_train, "val": data_cfg.n_val, "test": data_cfg.n_test}
+    total = sum(sizes.values())
+    bar = tqdm(total=total, desc=f"simulating {data_cfg.simulator}", unit="spec")
+    for k, (split, n) in enumerate(sizes.items()):
+        if n <= 0:
+            continue
+        num_shards = max(1, n // 4096)
+        writer = shards.ShardWriter(tmp, split, num_shards)
+        # Splits get disjoint seeds and id ranges, so no spectrum is in two splits.
+        for part in synthetic.iter_desi_galaxies(n, sample, seed=data_cfg.sim_seed * 10 + k,
+                                                 chunk=chunk):
+            for i in range(len(part["z"])):
+                writer.write({"flux": part["flux"][i], "ivar": part["ivar"][i],
+                              "mask": part["mask"][i], "labels": [part["z"][i]],
+                              "id": (k + 1) * 10**9 + int(part["id"][i])})
+            if split == "train":
+                train_z.append(part["z"])
+            bar.update(len(part["z"]))
+        splits[split] = writer.close()
+    bar.close()
+    z = np.concatenate(train_z)[:, None] if train_z else np.zeros((0, 1))
+    shards.write_manifest(tmp, shards.Manifest(
+        label_names=["z"], splits=splits, grid=DESI_GRID, stats={"labels": label_stats(z, ["z"])},
+        report={"simulated": total}, source={"simulator": data_cfg.simulator, "sample": sample,
+                                              "seed": data_cfg.sim_seed, "version": SIM_VERSION}))
+    return _publish(tmp, out)
+
+
+def ensure_data(data_cfg) -> Path:
+    """The shard directory a config trains on: ``data.path`` if set, else the simulator's cache
+    (generated on first use; in multi-process runs only process 0 writes it)."""
+    if data_cfg.path:
+        path = Path(data_cfg.path)
+        shards.read_manifest(path)  # a clear error if it is not a shard directory
+        return path
+    out = simulated_dir(data_cfg)
+    if (out / shards.MANIFEST).exists():
+        return out
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        simulate_to_shards(data_cfg, out)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"spectrax simulated data {out}")
+    return out
+
+
+# ==============================================================================================
+# DESI files
+# ==============================================================================================
+def find_desi_pairs(inputs: Iterable[str]) -> list[tuple[Path, Path | None]]:
+    """(coadd, redrock-or-None) pairs from files and directories; redrock matched by suffix."""
+    coadds: list[Path] = []
+    redrocks: dict[str, Path] = {}
+    for item in inputs:
+        p = Path(item)
+        files = sorted(p.rglob("*.fits")) if p.is_dir() else [p]
+        if not p.exists():
+            raise FileNotFoundError(f"--input {item}: no such file or directory")
+        for f in files:
+            if f.name.startswith("coadd"):
+                coadds.append(f)
+            elif f.name.startswith(("redrock", "zbest")):
+                redrocks[f.name.split("-", 1)[-1]] = f
+    if not coadds:
+        raise FileNotFoundError(f"no coadd*.fits among --input {list(inputs)}")
+    return [(c, redrocks.get(c.name.split("-", 1)[-1])) for c in coadds]
+
+
+def prepare_desi(inputs: Sequence[str], output: str | Path, *, cuts: str = "bgs",
+                 fractions: dict[str, float] | None = None, seed: int = 0,
+                 require_redshift: bool = True) -> dict[str, Any]:
+    """Reads DESI coadd(+redrock) files into a shard directory; returns the report."""
+    from spectrax.data.readers import desi
+
+    fractions = fractions or DEFAULT_FRACTIONS
+    cut_fn = {"bgs": desi.bgs_quality_cuts, "elg": desi.elg_quality_cuts, "none": None}
+    if cuts not in cut_fn:
+        raise ValueError(f"--cuts={cuts!r}; use one of {sorted(cut_fn)}")
+    report: dict[str, Any] = {"files": [], "reader": Counter(), "cuts": Counter(),
+                              "cuts_skipped": set()}
+    records: list[dict] = []
+    for coadd, redrock in find_desi_pairs(inputs):
+        result = desi.read_desi_coadd(coadd, redrock)
+        report["files"].append({"coadd": coadd.name, "redrock": redrock.name if redrock else None,
+                                "records": len(result.records)})
+        report["reader"].update(result.counts)
+        recs = result.records
+        if require_redshift:
+            has_z = [r for r in recs if np.isfinite(np.asarray(r["labels"])).all()]
+            report["reader"]["no_redshift"] += len(recs) - len(has_z)
+            recs = has_z
+        if cut_fn[cuts] is not None and recs:
+            keep, cut_report = cut_fn[cuts](recs)
+            report["cuts"].update(cut_report.get("removed", cut_report))
+            report["cuts_skipped"].update(cut_report.get("skipped", []))
+            recs = [r for r, k in zip(recs, keep) if k]
+        records.extend(recs)
+    ids = np.array([r["id"] for r in records], np.int64)
+    dup = len(ids) - len(np.unique(ids))
+    if dup:  # the same target in two files: keep the first, count the rest
+        _, first = np.unique(ids, return_index=True)
+        records = [records[i] for i in sorted(first)]
+        ids = ids[sorted(first)]
+        report["reader"]["duplicate_targetid_across_files"] += dup
+    out = Path(output)
+    tmp = _atomic_dir(out)
+    split_of = shards.assign_split(ids, fractions, seed) if len(ids) else np.array([])
+    splits = {}
+    for split in fractions:
+        chosen = [r for r, s in zip(records, split_of) if s == split]
+        splits[split] = shards.write_split(tmp, split, chosen)
+    train_z = np.array([r["labels"] for r, s in zip(records, split_of) if s == "train"],
+                       np.float64).reshape(-1, 1)
+    report = {"files": report["files"], "reader": dict(report["reader"]),
+              "cuts": dict(report["cuts"]), "cuts_skipped": sorted(report["cuts_skipped"]),
+              "kept": len(records), "splits": {k: v["count"] for k, v in splits.items()}}
+    shards.write_manifest(tmp, shards.Manifest(
+        label_names=["z"], splits=splits, grid=DESI_GRID,
+        stats={"labels": label_stats(train_z, ["z"])}, report=report,
+        source={"survey": "desi", "cuts": cuts, "inputs": [str(i) for i in inputs]}))
+    _publish(tmp, out)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print("files:")
+    for f in report["files"]:
+        print(f"  {f['coadd']} (+ {f['redrock']}): {f['records']} spectra read")
+    print("reader (spectra skipped / pixels masked):")
+    for k, v in sorted(report["reader"].items()):
+        print(f"  {k:<36}{v:>10,}")
+    print("quality cuts (spectra removed, applied in order):")
+    for k, v in report["cuts"].items():
+        print(f"  {k:<36}{v:>10,}")
+    if report["cuts_skipped"]:
+        print(f"  skipped (column missing): {', '.join(report['cuts_skipped'])}")
+    print(f"kept {report['kept']:,} spectra: " +
+          ", ".join(f"{k} {v:,}" for k, v in report["splits"].items()))
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("survey", "desi", ["desi"], "Survey format of --input.")
+flags.DEFINE_list("input", [], "Files or directories to read.")
+flags.DEFINE_string("output", None, "Shard directory to write.")
+flags.DEFINE_enum("cuts", "bgs", ["bgs", "elg", "none"], "Quality cuts (SPECS.md section 1).")
+flags.DEFINE_list("fractions", ["0.7", "0.15", "0.15"], "train,val,test fractions.")
+flags.DEFINE_integer("seed", 0, "Seed of the TARGETID-hash split assignment.")
+flags.DEFINE_bool("require_redshift", True, "Drop (and count) spectra without a redshift.")
+
+
+def main(argv):
+    del argv
+    if not FLAGS.input or not FLAGS.output:
+        raise app.UsageError("--input and --output are required")
+    fr = [float(x) for x in FLAGS.fractions]
+    if len(fr) != 3:
+        raise app.UsageError("--fractions needs three numbers: train,val,test")
+    try:
+        report = prepare_desi(FLAGS.input, FLAGS.output, cuts=FLAGS.cuts,
+                              fractions=dict(zip(("train", "val", "test"), fr)), seed=FLAGS.seed,
+                              require_redshift=FLAGS.require_redshift)
+    except (SpectrumError, FileNotFoundError, ValueError) as e:
+        print(f"spectrax.prepare: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print_report(report)
+    print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

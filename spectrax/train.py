@@ -1,0 +1,539 @@
+r"""Training entry point: ``python -m spectrax.train --config=configs/specpt_bgs.py[:variant=...]``.
+
+One loop for every model. It knows a model only through :mod:`spectrax.models.registry` and a
+task only through the interface of :mod:`spectrax.tasks`; data come from
+:mod:`spectrax.data.pipeline`, meshes from :mod:`spectrax.sharding`, checkpoints from
+:mod:`spectrax.checkpoint`.
+
+Flags: ``--config`` (ml_collections file with ``:arg`` variants; override any key with
+``--config.key=value``), ``--workdir`` (default ``runs/<name>``), ``--dry_run`` (print the
+parameter table abstractly and exit; no parameter memory is allocated).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+from tqdm import tqdm
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and figures go.")
+flags.DEFINE_bool("dry_run", False, "Print the model's parameter table and exit.")
+
+
+# ==============================================================================================
+# Model state: the pure pytrees a jitted step takes and returns
+# ==============================================================================================
+def build_optimizer(config, num_steps: int, freeze_labels=None):
+    """AdamW (or SGD) with warm-up + schedule, gradient clipping and optional frozen subtrees.
+
+    Frozen parameters go through ``optax.set_to_zero`` so they stay bitwise unchanged (no
+    weight decay either).
+    """
+    o = config.optim
+    warm = min(int(o.warmup_steps), max(num_steps - 1, 0))
+    if o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(num_steps, warm + 1),
+                                                end_value=o.lr * 0.01)
+    elif o.schedule in ("constant", "plateau"):
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm),
+                                   optax.constant_schedule(o.lr)], [warm]) if warm else o.lr
+    else:
+        raise ValueError(f"config.optim.schedule {o.schedule!r}: use cosine, constant or plateau")
+    if o.name == "adamw":
+        inner = optax.adamw(lr, weight_decay=o.weight_decay)
+    elif o.name == "sgd":
+        inner = optax.sgd(lr, momentum=0.9)
+    else:
+        raise ValueError(f"config.optim.name {o.name!r}: use adamw or sgd")
+    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
+    parts.append(inner)
+    if o.schedule == "plateau":
+        # ReduceLROnPlateau as in the reference autoencoder; sees the loss via `value=`.
+        parts.append(optax.contrib.reduce_on_plateau(patience=o.plateau_patience, factor=0.5))
+    tx = optax.chain(*parts)
+    if freeze_labels is not None:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, freeze_labels)
+    return tx, lr
+
+
+def freeze_labels_for(params, prefixes) -> Any:
+    """'frozen' for parameters whose path starts with one of ``prefixes``, else 'train'."""
+    from spectrax.checkpoint import path_str
+
+    def label(path, _):
+        p = path_str(path)
+        return "frozen" if any(p == f or p.startswith(f + "/") for f in prefixes) else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+class Trainer:
+    """Holds the static pieces of a run (graph definition, task, optimiser, mesh, shardings)
+    and exposes pure jitted functions of the state pytree."""
+
+    def __init__(self, config, mesh, num_steps: int):
+        from spectrax import sharding, tasks
+        from spectrax.models import registry
+
+        self.config, self.mesh, self.num_steps = config, mesh, num_steps
+        self.task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
+        self.model_fn = lambda seed: registry.build_model(config.model, rngs=nnx.Rngs(
+            params=seed, dropout=seed + 1))
+        abstract_model = nnx.eval_shape(lambda: self.model_fn(config.seed))
+        self.graphdef, abstract_params, _, _ = nnx.split(abstract_model, nnx.Param,
+                                                         nnx.RngState, ...)
+        self.frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
+        labels = freeze_labels_for(abstract_params, self.frozen) if self.frozen else None
+        self.tx, self.lr_schedule = build_optimizer(config, num_steps, labels)
+        self.uses_value = config.optim.schedule == "plateau"
+
+        self.abstract_state = jax.eval_shape(self._init)
+        self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        # RNG streams are re-derived from (seed, step) each step, so they are not part of the
+        # checkpointed state; this template only gives `merge` something concrete.
+        self.rng_template = jax.jit(lambda: nnx.split(self.model_fn(config.seed), nnx.Param,
+                                                      nnx.RngState, ...)[2])()
+        self.base_key = jax.random.key(config.seed)
+
+    # -- state ----------------------------------------------------------------------------
+    def _init(self):
+        model = self.model_fn(self.config.seed)
+        _, params, _, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
+        return {"params": params, "other": other, "opt": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
+
+    def init_state(self):
+        return jax.jit(self._init, out_shardings=self.state_shardings)()
+
+    def abstract_with_shardings(self):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
+    def model(self, state, *, rngs=None):
+        """A Module view of ``state`` (for eval and tools)."""
+        return nnx.merge(self.graphdef, state["params"], rngs or self.rng_template,
+                         state["other"], copy=True)
+
+    # -- steps ----------------------------------------------------------------------------
+    def train_step(self, state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(self.base_key, step)
+
+        def loss_fn(params, other, rngs):
+            model = nnx.merge(self.graphdef, params, rngs, other, copy=True)
+            nnx.reseed(model, dropout=key)
+            loss, aux = self.task.loss(model, batch, train=True)
+            _, _, _, new_other = nnx.split(model, nnx.Param, nnx.RngState, ...)
+            return loss, (aux, new_other)
+
+        (loss, (aux, new_other)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["other"], self.rng_template)
+        extra = {"value": loss} if self.uses_value else {}
+        updates, new_opt = self.tx.update(grads, state["opt"], state["params"], **extra)
+        new_params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        # Finite loss and gradients can still give an overflowing update (absurd learning rate).
+        ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.global_norm(updates)))
+        # A non-finite step changes nothing (no NaN ever reaches parameters or checkpoints);
+        # the host sees `bad_step` at the next log and stops or carries on as configured.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, state["params"]),
+            "other": keep(new_other, state["other"]),
+            "opt": keep(new_opt, state["opt"]),
+            "step": step + 1,
+            "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step),
+        }
+        lr = self.lr_schedule(step) if callable(self.lr_schedule) else self.lr_schedule
+        logs = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), **aux}
+        return new_state, logs
+
+    def eval_step(self, state, batch):
+        model = nnx.merge(self.graphdef, state["params"], self.rng_template, state["other"],
+                          copy=True)
+        loss, _ = self.task.loss(model, batch, train=False)
+        return self.task.predict(model, batch), loss
+
+    def compile(self, example_batch):
+        """Ahead-of-time compiles the train step; returns (compiled, seconds, memory text)."""
+        abstract_batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), example_batch)
+        t0 = time.perf_counter()
+        jitted = jax.jit(self.train_step, in_shardings=(self.state_shardings, None),
+                         out_shardings=(self.state_shardings, None), donate_argnums=0)
+        compiled = jitted.lower(self.abstract_with_shardings(), abstract_batch).compile()
+        seconds = time.perf_counter() - t0
+        return compiled, seconds, memory_text(compiled)
+
+
+def memory_text(compiled) -> str:
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return "memory analysis unavailable on this backend"
+    if m is None:
+        return "memory analysis unavailable on this backend"
+    gib = 1 / 2**30
+    return (f"per-device memory: arguments {m.argument_size_in_bytes * gib:.3f} GiB, outputs "
+            f"{m.output_size_in_bytes * gib:.3f} GiB, temporaries {m.temp_size_in_bytes * gib:.3f} "
+            f"GiB, aliased {m.alias_size_in_bytes * gib:.3f} GiB")
+
+
+# ==============================================================================================
+# Dry run: the parameter table, abstractly
+# ==============================================================================================
+def dry_run(config) -> dict:
+    from spectrax.models import registry
+
+    abstract = nnx.eval_shape(lambda: registry.build_model(config.model, rngs=nnx.Rngs(0)))
+    table = registry.parameter_table(abstract, config.model)
+    frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
+    print(f"{config.name}: model {config.model.name} variant={config.model.variant or '-'}"
+          f"{' head=' + config.model.head if config.model.head else ''}")
+    print(f"{'module':<40}{'parameters':>18}  note")
+    for row in table["rows"]:
+        note = []
+        if any(row["path"] == f or row["path"].startswith(f + "/") for f in frozen):
+            note.append("frozen")
+        if row["excluded"]:
+            note.append("not counted (held outside the reference's registered modules)")
+        print(f"{row['path']:<40}{row['count']:>18,}  {', '.join(note)}")
+    print("-" * 70)
+    print(f"Total parameters: {table['total']:,}")
+    trainable = sum(r["count"] for r in table["rows"]
+                    if not any(r["path"] == f or r["path"].startswith(f + "/") for f in frozen))
+    print(f"Trainable under this config: {trainable:,}"
+          f"{'  (frozen: ' + ', '.join(frozen) + ')' if frozen else ''}")
+    return {"total": table["total"], "trainable": trainable}
+
+
+# ==============================================================================================
+# The run
+# ==============================================================================================
+def default_workdir(config) -> Path:
+    name = config.name + (f"-{config.model.variant}" if config.model.variant else "")
+    return Path("runs") / name
+
+
+def _select_labels(batch, idx):
+    if batch.labels.shape[1] == len(idx) and list(idx) == list(range(len(idx))):
+        return batch
+    return batch.replace(labels=batch.labels[:, idx], label_mask=batch.label_mask[:, idx])
+
+
+def label_indices(manifest, task) -> list[int]:
+    missing = [n for n in task.label_names if n not in manifest.label_names]
+    if missing:
+        raise ValueError(f"task needs labels {missing} but the shards provide "
+                         f"{manifest.label_names}")
+    return [manifest.label_names.index(n) for n in task.label_names]
+
+
+class _Preemption:
+    """Turns SIGTERM (what schedulers send before preempting) into a clean save-and-exit."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. inside a test runner thread)
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def train(config, workdir: str | Path | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics."""
+    from spectrax import checkpoint, sharding
+    from spectrax.data import pipeline, shards
+    from spectrax.models import registry
+    from spectrax.prepare import ensure_data
+
+    sharding.initialize_distributed()
+    is_main = jax.process_index() == 0
+    workdir = Path(workdir or config.workdir or default_workdir(config))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        print(f"spectrax: {config.name} -> work directory {workdir.absolute()}", flush=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    # -- data -----------------------------------------------------------------------------
+    data_dir = ensure_data(config.data)
+    manifest = shards.read_manifest(data_dir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if config.batch_size % n_dev:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{n_dev} devices of the mesh")
+    local_batch = config.batch_size // n_proc
+    length = config.data.length or None
+
+    trainer = Trainer(config, mesh, config.num_steps)
+    idx = label_indices(manifest, trainer.task)
+    registry.check_input_length(config.model, pipeline.pixel_length(manifest, length))
+
+    # -- state: resume, or initialise (optionally from another run) ----------------------
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+    data_iter = pipeline.train_iterator(
+        data_dir, batch_size=local_batch, seed=config.seed, length=length,
+        num_threads=config.data.num_threads)
+    if ckpt.latest_step() is not None:
+        state, data_state, _ = ckpt.restore(trainer.abstract_with_shardings())
+        data_iter.set_state(data_state)
+        if is_main:
+            print(f"resumed from step {int(state['step'])} ({ckpt.directory})", flush=True)
+    else:
+        state = trainer.init_state()
+        if config.init.from_workdir:
+            state = load_pretrained(state, trainer, config.init.from_workdir, config.init.prefix)
+    start = int(state["step"])
+
+    def next_global():
+        host = next(data_iter)
+        return host, pipeline.to_global(_select_labels(host, idx), trainer.batch_sharding)
+
+    host_batch, batch = next_global()
+    step_fn, compile_s, mem = trainer.compile(batch)
+    if is_main:
+        print(f"compiled train step in {compile_s:.1f} s; {mem}", flush=True)
+
+    # -- loop -----------------------------------------------------------------------------
+    logger = MetricLogger(workdir, enabled=is_main)
+    preempt = _Preemption()
+    recent_ids = collections.deque(maxlen=max(config.log_every, 1))
+    pending: list[dict] = []
+    meta = {"config": config.name, "task": config.task, "model": config.model.to_dict(),
+            "data_dir": str(data_dir), "label_names": list(trainer.task.label_names)}
+    bar = tqdm(total=config.num_steps, initial=start, desc=config.name, disable=not is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    t_start, steps_timed = None, 0
+    for step in range(start, config.num_steps):
+        if step > start:
+            host_batch, batch = next_global()
+        recent_ids.append((step, host_batch.ids[host_batch.valid]))
+        state, logs = step_fn(state, batch)
+        pending.append(logs)
+        bar.update(1)
+        done = step + 1
+        if t_start is None:  # the first step includes dispatch warm-up: time from the second
+            jax.block_until_ready(state["step"])
+            t_start = time.perf_counter()
+        else:
+            steps_timed += 1
+        if done % config.log_every == 0 or done == config.num_steps or preempt.requested:
+            logged = jax.device_get(pending)
+            pending = []
+            _check_finite(state, config, recent_ids)
+            row = {k: float(np.mean([l[k] for l in logged])) for k in logged[0]}
+            row["step"] = done
+            if steps_timed:
+                row["train_spectra_per_s"] = steps_timed * config.batch_size / (
+                    time.perf_counter() - t_start)
+            logger.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+            ev = evaluate(trainer, state, data_dir, "val" if "val" in manifest.splits else "test",
+                          config, idx)
+            logger.write({"step": done, "eval_loss": ev["loss"],
+                          **{f"val_{k}": v for k, v in ev["metrics"].items()}})
+        if done % config.ckpt_every == 0 or done == config.num_steps or preempt.requested:
+            ckpt.save(done, state, data_iter.get_state(), meta, force=True)
+        if preempt.requested:
+            ckpt.wait()
+            bar.close()
+            print(f"SIGTERM: saved checkpoint at step {done}; exiting (restart to resume).",
+                  flush=True)
+            ckpt.close()
+            sys.exit(0)
+    bar.close()
+    jax.block_until_ready(state)
+    train_seconds = time.perf_counter() - t_start if t_start else 0.0
+    ckpt.wait()
+
+    # -- final evaluation ----------------------------------------------------------------
+    split = "test" if "test" in manifest.splits else "val"
+    t0 = time.perf_counter()
+    ev = evaluate(trainer, state, data_dir, split, config, idx)
+    eval_seconds = time.perf_counter() - t0
+    result = {"config": config.name, "split": split, "steps": config.num_steps,
+              "eval_loss": ev["loss"], **ev["metrics"],
+              "train_spectra_per_s": (steps_timed * config.batch_size / train_seconds
+                                      if steps_timed else None),
+              "eval_spectra_per_s": ev["metrics"].get("n", 0) / max(eval_seconds, 1e-9),
+              "compile_seconds": compile_s, "devices": n_dev, "processes": n_proc,
+              "platform": jax.devices()[0].platform, "workdir": str(workdir)}
+    if is_main:
+        (workdir / "metrics.json").write_text(json.dumps(result, indent=2))
+        figs = trainer.task.figures(ev["outputs"], ev["examples"], workdir, config.num_figures)
+        from spectrax import plots
+        figs.append(plots.loss_curve(workdir / "metrics.jsonl", workdir / "loss.png"))
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+        print("figures: " + ", ".join(str(f) for f in figs), flush=True)
+    logger.close()
+    ckpt.close()
+    return result
+
+
+def _check_finite(state, config, recent_ids) -> None:
+    bad = int(state["bad_step"])
+    if bad < 0:
+        return
+    ids = [i.tolist() for s, i in recent_ids if s == bad]
+    msg = (f"non-finite loss or gradient at step {bad} (batch ids {ids[0][:16] if ids else '?'}"
+           f"{' ...' if ids and len(ids[0]) > 16 else ''}); that update was skipped, so "
+           "parameters and checkpoints hold no NaN")
+    if config.on_nonfinite == "stop":
+        raise FloatingPointError(msg + ". Set config.on_nonfinite='skip' to carry on.")
+    print("warning: " + msg, flush=True)
+
+
+def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
+    """Runs the task's predictions over every spectrum of ``split``; returns metrics etc."""
+    from jax.experimental import multihost_utils
+
+    from spectrax.data import pipeline
+
+    bs = config.eval_batch_size
+    if bs % jax.device_count():
+        bs = jax.device_count() * max(1, bs // jax.device_count())
+    step = jax.jit(trainer.eval_step)
+    outs, losses, examples = [], [], None
+    pi, local = jax.process_index(), bs // jax.process_count()
+    n_batches = pipeline.num_eval_batches(data_dir, split, bs)
+    for host in tqdm(pipeline.eval_batches(data_dir, split, batch_size=bs,
+                                         length=config.data.length or None),
+                     total=n_batches, desc=f"eval {split}", leave=False,
+                     disable=jax.process_index() != 0):
+        host = _select_labels(host, idx)
+        if examples is None:
+            examples = host
+        mine = jax.tree.map(lambda x: x[pi * local:(pi + 1) * local], host.for_device())
+        pred, loss = step(state, pipeline.to_global(mine, trainer.batch_sharding))
+        pred = multihost_utils.process_allgather(pred, tiled=True)
+        outs.append({**jax.tree.map(np.asarray, pred), "labels": host.labels,
+                     "label_mask": host.label_mask, "valid": host.valid, "ids": host.ids})
+        losses.append((float(loss), int(host.valid.sum())))
+    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    total = sum(n for _, n in losses)
+    loss = sum(l * n for l, n in losses) / max(total, 1)
+    metrics = trainer.task.metrics(cat)
+    first = {k: v[:examples.batch_size] for k, v in cat.items()}
+    return {"loss": loss, "metrics": metrics, "outputs": {**cat, **{
+        k: first[k] for k in ("reconstruction",) if k in first}}, "examples": examples}
+
+
+def load_pretrained(state, trainer, from_workdir: str, prefix: str):
+    """Copies the subtree ``prefix`` of another run's latest parameters (and BatchNorm
+    statistics) into ``state``. Shapes must agree; mismatches are listed in the error."""
+    from spectrax import checkpoint
+
+    src = checkpoint.Checkpointer(from_workdir)
+    if src.latest_step() is None:
+        raise FileNotFoundError(
+            f"config.init.from_workdir={from_workdir!r} holds no checkpoint; train that stage "
+            "first (see the config's docstring for the command)")
+    raw, meta = src.restore_raw()
+    src.close()
+    new = dict(state)
+    for part in ("params", "other"):
+        pure = nnx.to_pure_dict(state[part])
+        src_tree = _strip_value(raw[part])
+        try:
+            src_sub = checkpoint.subtree(src_tree, prefix)
+            dst_sub = checkpoint.subtree(pure, prefix)
+        except KeyError as e:
+            if part == "other":  # no BatchNorm statistics under the prefix
+                continue
+            raise checkpoint.CheckpointMismatchError(f"{from_workdir}: {e}") from e
+        have, want = checkpoint.flat_shapes(src_sub), checkpoint.flat_shapes(dst_sub)
+        if have != want:
+            diff = sorted(set(have.items()) ^ set(want.items()))
+            raise checkpoint.CheckpointMismatchError(
+                f"{from_workdir}: '{prefix}' does not match this model (was trained as "
+                f"{meta.get('model')}): " + "; ".join(f"{k} {v}" for k, v in diff[:20]))
+        _assign(pure, prefix, src_sub)
+        st = state[part]
+        nnx.replace_by_pure_dict(st, pure)
+        new[part] = jax.device_put(st, trainer.state_shardings[part])
+    print(f"initialised '{prefix}' from {from_workdir} (step {src.latest_step()})", flush=True)
+    return new
+
+
+def _strip_value(tree):
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _strip_value(v) for k, v in tree.items()}
+    return tree
+
+
+def _assign(tree: dict, prefix: str, value) -> None:
+    parts = [p for p in prefix.split("/") if p]
+    for p in parts[:-1]:
+        tree = tree[p]
+    tree[parts[-1]] = value
+
+
+class MetricLogger:
+    """metrics.jsonl (one JSON object per log step) + TensorBoard event files."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.file = open(Path(workdir) / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        except ImportError:  # TensorBoard summaries are optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def main(argv):
+    del argv
+    if FLAGS.config is None:
+        raise app.UsageError("--config=configs/<experiment>.py is required")
+    if FLAGS.dry_run:
+        dry_run(FLAGS.config)
+        return
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)

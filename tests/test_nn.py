@@ -1,0 +1,209 @@
+"""Shared layers: sinusoidal/wavelength embeddings, masked attention, PyTorch-shaped transformer
+layers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from spectrax.nn import (MultiHeadAttention, TransformerDecoderLayer, TransformerEncoderLayer,
+                         WavelengthEmbedding, sinusoidal_embedding)
+
+
+# Layer tests share one width (D, H, FFN) with the SpecPT 'small'/'tokens' variants: on CPU the
+# cost of a test is mostly compiling each operation once per shape.
+D, H, FFN = 128, 4, 256
+
+
+@nnx.jit(static_argnames="deterministic")
+def run(module, *args, deterministic=True, **kwargs):
+    """module(*args, **kwargs) compiled as one program (cheaper than op-by-op on CPU)."""
+    return module(*args, deterministic=deterministic, **kwargs)
+
+
+def param_count(module) -> int:
+    return sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------------
+
+def test_sinusoidal_embedding_layout_and_values():
+    x = jnp.array([[0.0, 0.25], [1.0, 2.5]])
+    emb = sinusoidal_embedding(x, dim=6, min_period=1.0, max_period=4.0)   # periods 1, 2, 4
+    assert emb.shape == (2, 2, 6) and emb.dtype == jnp.float32
+    periods = np.array([1.0, 2.0, 4.0])
+    angles = 2 * np.pi * np.asarray(x, np.float64)[..., None] / periods
+    expected = np.concatenate([np.sin(angles), np.cos(angles)], axis=-1)
+    np.testing.assert_allclose(emb, expected, atol=1e-6)
+    # x = 0: sin half 0, cos half 1.
+    np.testing.assert_array_equal(emb[0, 0], [0, 0, 0, 1, 1, 1])
+
+
+@pytest.mark.parametrize("dim", [0, 3, -2])
+def test_sinusoidal_embedding_rejects_odd_or_empty_dim(dim):
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_embedding(jnp.zeros(3), dim, 1.0, 2.0)
+
+
+def test_wavelength_embedding_depends_only_on_wavelength():
+    emb = WavelengthEmbedding(32, 16, rngs=nnx.Rngs(0))
+    assert emb.features == 16
+    desi = jnp.asarray(3600.0 + 0.8 * np.arange(200, dtype=np.float32))
+    # Another "survey": different length, the shared wavelengths at other positions.
+    other = jnp.concatenate([jnp.array([5000.5, 7000.25, -1.0]), desi[50:120]])[None, :]
+    embed = nnx.jit(lambda module, wave: module(wave))
+    e_desi = embed(emb, desi)
+    e_other = embed(emb, other)
+    assert e_desi.shape == (200, 16) and e_other.shape == (1, 73, 16)
+    np.testing.assert_array_equal(e_other[0, 3:], e_desi[50:120])
+    # Equal values inside one array too.
+    twice = embed(emb, jnp.array([4861.35, 6564.6, 4861.35]))
+    np.testing.assert_array_equal(twice[0], twice[2])
+    assert not np.allclose(twice[0], twice[1])
+
+
+def test_wavelength_embedding_is_zero_on_padding_without_nan_gradients():
+    for emb in (WavelengthEmbedding(8), WavelengthEmbedding(8, 4, rngs=nnx.Rngs(0))):
+        wave = jnp.array([-1.0, 0.0, 5000.0])
+        out, grad = nnx.jit(lambda m, w: (m(w), jax.grad(lambda w: m(w).sum())(w)))(emb, wave)
+        np.testing.assert_array_equal(out[:2], 0.0)
+        assert np.any(out[2] != 0)
+        assert np.all(np.isfinite(grad))
+
+
+def test_wavelength_embedding_needs_rngs_for_projection():
+    with pytest.raises(ValueError, match="rngs"):
+        WavelengthEmbedding(8, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+def reference_attention(mha: MultiHeadAttention, q_in, kv_in, key_mask):
+    """Float64 numpy multi-head softmax attention with the module's weights."""
+    def linear(layer, x):
+        return (np.asarray(x, np.float64) @ np.asarray(layer.kernel[...], np.float64)
+                + np.asarray(layer.bias[...], np.float64))
+
+    b, lq, d = q_in.shape
+    h, hd = mha.num_heads, mha.head_dim
+    q = linear(mha.q_proj, q_in).reshape(b, lq, h, hd).transpose(0, 2, 1, 3)
+    k = linear(mha.k_proj, kv_in).reshape(b, -1, h, hd).transpose(0, 2, 1, 3)
+    v = linear(mha.v_proj, kv_in).reshape(b, -1, h, hd).transpose(0, 2, 1, 3)
+    logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+    logits = np.where(key_mask[:, None, None, :], logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    ctx = (weights @ v).transpose(0, 2, 1, 3).reshape(b, lq, d)
+    return linear(mha.out_proj, ctx)
+
+
+def test_attention_parameter_count_matches_pytorch():
+    d = 512
+    mha = nnx.eval_shape(lambda: MultiHeadAttention(d, 8, rngs=nnx.Rngs(0)))
+    assert param_count(mha) == 4 * d * d + 4 * d == 1_050_624
+
+
+def test_masked_attention_matches_float64_reference():
+    rng = np.random.default_rng(0)
+    b, lq, lk, d = 3, 5, 7, D
+    mha = MultiHeadAttention(d, H, rngs=nnx.Rngs(1))
+    q_in = rng.normal(size=(b, lq, d)).astype(np.float32)
+    kv_in = rng.normal(size=(b, lk, d)).astype(np.float32)
+    key_mask = rng.random((b, lk)) > 0.4
+    key_mask[:, 0] = True                      # at least one valid key per sample
+    key_mask[2] = [True] + [False] * (lk - 1)  # a sample with a single valid key
+    out = run(mha, jnp.asarray(q_in), jnp.asarray(kv_in), jnp.asarray(key_mask))
+    np.testing.assert_allclose(out, reference_attention(mha, q_in, kv_in, key_mask), atol=1e-5)
+    # No mask = all keys valid.
+    out = run(mha, jnp.asarray(q_in), jnp.asarray(kv_in), None)
+    np.testing.assert_allclose(out, reference_attention(mha, q_in, kv_in,
+                                                        np.ones((b, lk), bool)), atol=1e-5)
+
+
+def test_fully_masked_keys_give_zeros_and_finite_gradients():
+    rng = np.random.default_rng(1)
+    mha = MultiHeadAttention(D, H, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.normal(size=(2, 4, D)), jnp.float32)
+    key_mask = jnp.array([[True, False, True, False], [False] * 4])
+    @nnx.jit
+    def output_and_input_gradient(mha, x):
+        return mha(x, x, key_mask), jax.grad(lambda x: jnp.sum(mha(x, x, key_mask) ** 2))(x)
+
+    out, grad = output_and_input_gradient(mha, x)
+    np.testing.assert_array_equal(out[1], 0.0)
+    assert np.all(np.isfinite(out)) and np.any(out[0] != 0)
+    assert np.all(np.isfinite(grad))
+
+
+def test_attention_bf16_compute_keeps_fp32_params():
+    mha = MultiHeadAttention(D, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 3, D), jnp.float32)
+    out = run(mha, x, x, jnp.array([[True, True, False], [False, False, False]]))
+    assert out.dtype == jnp.bfloat16
+    assert {v.dtype for _, v in nnx.to_flat_state(nnx.state(mha, nnx.Param))} == {
+        jnp.dtype(jnp.float32)}
+    assert np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_attention_dropout_only_when_not_deterministic():
+    mha = MultiHeadAttention(D, H, dropout=0.5, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (2, 6, D))
+    np.testing.assert_array_equal(run(mha, x, x), run(mha, x, x))
+    assert not np.allclose(run(mha, x, x, deterministic=False), run(mha, x, x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer layers
+# ---------------------------------------------------------------------------------------------
+
+def test_transformer_layer_parameter_counts_match_pytorch():
+    enc = nnx.eval_shape(lambda: TransformerEncoderLayer(512, 8, 2048, rngs=nnx.Rngs(0)))
+    dec = nnx.eval_shape(lambda: TransformerDecoderLayer(512, 8, 2048, rngs=nnx.Rngs(0)))
+    assert param_count(enc) == 3_152_384
+    assert param_count(dec) == 4_204_032
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_ignores_masked_keys(norm_first, activation):
+    layer = TransformerEncoderLayer(D, H, FFN, dropout=0.1, activation=activation,
+                                    norm_first=norm_first, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6, D))
+    key_mask = jnp.array([[True] * 4 + [False] * 2, [True] * 6])
+    changed = x.at[0, 4:].set(100.0)          # garbage on the masked tokens of sample 0
+    out = run(layer, x, key_mask)
+    out_changed = run(layer, changed, key_mask)
+    assert out.shape == (2, 6, D)
+    np.testing.assert_allclose(out_changed[0, :4], out[0, :4], atol=1e-5)
+    np.testing.assert_array_equal(out_changed[1], out[1])
+
+
+def test_post_ln_layer_output_is_normalised():
+    # Post-LN (PyTorch's default) ends with a LayerNorm: each output token has mean 0, std 1 at
+    # initialisation (scale 1, bias 0); pre-LN does not.
+    x = 3.0 + 5.0 * jax.random.normal(jax.random.key(2), (2, 6, D))
+    post = run(TransformerEncoderLayer(D, H, FFN, rngs=nnx.Rngs(0)), x)
+    np.testing.assert_allclose(post.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(post.std(-1), 1.0, atol=1e-3)
+    pre = run(TransformerEncoderLayer(D, H, FFN, norm_first=True, rngs=nnx.Rngs(0)), x)
+    assert np.abs(np.asarray(pre.mean(-1))).max() > 0.5
+
+
+def test_decoder_layer_shapes_and_memory_mask():
+    layer = TransformerDecoderLayer(D, H, FFN, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(3), (2, 3, D))
+    memory = jax.random.normal(jax.random.key(4), (2, 5, D))
+    memory_mask = jnp.array([[True, True, False, False, False], [True] * 5])
+    out = run(layer, x, memory, memory_mask=memory_mask)
+    assert out.shape == (2, 3, D)
+    out2 = run(layer, x, memory.at[0, 2:].set(-50.0), memory_mask=memory_mask)
+    np.testing.assert_allclose(out2[0], out[0], atol=1e-5)
+
+
+def test_unknown_activation_is_rejected():
+    with pytest.raises(ValueError, match="activation"):
+        TransformerEncoderLayer(8, 2, 16, activation="swish", rngs=nnx.Rngs(0))

@@ -1,0 +1,220 @@
+"""The training loop: end to end, resume after a kill, 1 vs 8 devices, NaN guard, bad configs,
+checkpoint compatibility, and the dry-run parameter counts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spectrax import checkpoint, train
+from spectrax.config_lib import specpt_autoencoder, specpt_redshift
+from spectrax.sharding import make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, *, stage="autoencoder", steps=6, **data):
+    """A seconds-long run on a few hundred simulated spectra with the 'tiny' model."""
+    c = (specpt_autoencoder if stage == "autoencoder" else specpt_redshift)("bgs", "variant=tiny")
+    c.unlock()
+    c.data.n_train, c.data.n_val, c.data.n_test = 96, 16, 24
+    c.data.cache_dir = str(tmp_path.parent / "spectrax-test-data")
+    c.data.update(data)
+    c.num_steps, c.batch_size, c.eval_batch_size = steps, 8, 16
+    c.log_every, c.ckpt_every = 2, 4
+    c.optim.warmup_steps = 2
+    c.init.from_workdir = ""
+    c.num_figures = 2
+    return c.lock()
+
+
+def _cli(*args, env=None, timeout=600):
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "spectrax.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def _params(workdir):
+    ck = checkpoint.Checkpointer(workdir)
+    raw, _ = ck.restore_raw()
+    ck.close()
+    return raw["params"]
+
+
+# --- end to end ------------------------------------------------------------------------------
+def test_autoencoder_then_redshift_end_to_end(tmp_path):
+    ae_dir, z_dir = tmp_path / "ae", tmp_path / "z"
+    result = train.train(tiny_config(tmp_path), ae_dir)
+    assert result["n"] == 24 and np.isfinite(result["recon_l1"])
+    for f in ("metrics.json", "metrics.jsonl", "config.json", "reconstructions.png", "loss.png"):
+        assert (ae_dir / f).exists(), f
+    rows = [json.loads(l) for l in (ae_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert checkpoint.Checkpointer(ae_dir).latest_step() == 6
+
+    zc = tiny_config(tmp_path, stage="redshift")
+    zc.unlock()
+    zc.init.from_workdir, zc.init.prefix = str(ae_dir), "encoder"
+    zc.lock()
+    result = train.train(zc, z_dir)
+    for key in ("nmad", "eta", "r2"):
+        assert np.isfinite(result[key]), key
+    assert (z_dir / "z_pred_vs_true.png").exists() and (z_dir / "z_residuals.png").exists()
+
+
+def test_pretrained_encoder_is_copied_exactly(tmp_path):
+    ae_dir = tmp_path / "ae"
+    train.train(tiny_config(tmp_path, steps=2), ae_dir)
+    zc = tiny_config(tmp_path, stage="redshift")
+    trainer = train.Trainer(zc, make_mesh(), zc.num_steps)
+    state = train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
+    src = _params(ae_dir)["encoder"]
+    got = jax.tree.map(np.asarray, train.nnx.to_pure_dict(state["params"]))["encoder"]
+    flat_src = jax.tree_util.tree_leaves(train._strip_value(src))
+    flat_got = jax.tree_util.tree_leaves(got)
+    assert len(flat_src) == len(flat_got)
+    for a, b in zip(flat_src, flat_got):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_pretrained_from_other_architecture_lists_mismatches(tmp_path):
+    ae_dir = tmp_path / "ae"
+    train.train(tiny_config(tmp_path, steps=2), ae_dir)
+    zc = specpt_redshift("bgs", "variant=tokens")
+    trainer = train.Trainer(zc, make_mesh(), 1)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
+        train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
+
+
+def test_restoring_into_a_different_architecture_fails_clearly(tmp_path):
+    ae_dir = tmp_path / "ae"
+    train.train(tiny_config(tmp_path, steps=2), ae_dir)
+    other = specpt_autoencoder("bgs", "variant=tokens")
+    trainer = train.Trainer(other, make_mesh(), 1)
+    ck = checkpoint.Checkpointer(ae_dir)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="shape differs"):
+        ck.restore(trainer.abstract_with_shardings())
+
+
+# --- resume after a kill ---------------------------------------------------------------------
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    """SIGKILL a subprocess after its first checkpoint, restart, and compare with an
+    uninterrupted run: same data order (Grain state), same dropout (keys from the step)."""
+    cfg = tiny_config(tmp_path, steps=12)
+    overrides = [f"--config.{k}={v}" for k, v in {
+        "data.n_train": 96, "data.n_val": 16, "data.n_test": 24, "num_steps": 12,
+        "batch_size": 8, "log_every": 2, "ckpt_every": 4, "optim.warmup_steps": 2,
+        "init.from_workdir": "", "data.cache_dir": cfg.data.cache_dir}.items()]
+    args = ["--config=configs/specpt_bgs.py:variant=tiny", *overrides]
+    full = tmp_path / "full"
+    train.train(cfg, full)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "spectrax.train", *args,
+                             f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+            p.name == "4" for p in (killed / "checkpoints").glob("*")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = checkpoint.Checkpointer(killed).latest_step()
+    assert step is not None and step < 12, f"kill came too late (step {step})"
+    res = _cli(*args, f"--workdir={killed}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resumed from step {step}" in res.stdout
+    a = jax.tree_util.tree_leaves(_params(full))
+    b = jax.tree_util.tree_leaves(_params(killed))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
+
+
+# --- 1 device vs 8 devices -------------------------------------------------------------------
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+    cfg = tiny_config(tmp_path, steps=4)
+    common = ["--config=configs/specpt_bgs.py:variant=tiny",
+              *[f"--config.{k}={v}" for k, v in {
+                  "data.n_train": 96, "data.n_val": 16, "data.n_test": 24, "num_steps": 4,
+                  "batch_size": 8, "log_every": 1, "ckpt_every": 4, "optim.warmup_steps": 2,
+                  "data.cache_dir": cfg.data.cache_dir}.items()]]
+    train.train(cfg, tmp_path / "one")  # makes the data too
+    for name, mesh in (("dp8", ["--config.mesh.data=8"]),
+                       ("fsdp", ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):
+        res = _cli(*common, *mesh, f"--workdir={tmp_path / name}",
+                   env={"JAX_NUM_CPU_DEVICES": "8", "XLA_FLAGS":
+                        "--xla_force_host_platform_device_count=8"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["devices"] == 8
+        one = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text()
+               .splitlines() if "loss" in l]
+        many = [json.loads(l)["loss"] for l in (tmp_path / name / "metrics.jsonl").read_text()
+                .splitlines() if "loss" in l]
+        np.testing.assert_allclose(many, one, rtol=2e-4, err_msg=name)
+
+
+# --- guards ----------------------------------------------------------------------------------
+def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path):
+    c = tiny_config(tmp_path, steps=4)
+    c.unlock()
+    c.optim.name, c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = "sgd", 1e38, 0.0, 0
+    c.lock()
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 0"):
+        train.train(c, tmp_path / "nan")
+    # no checkpoint holds NaN: none was written at all before the stop
+    assert checkpoint.Checkpointer(tmp_path / "nan").latest_step() is None
+
+
+def test_skip_mode_keeps_parameters_finite(tmp_path):
+    c = tiny_config(tmp_path, steps=2)
+    c.unlock()
+    c.optim.name, c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = "sgd", 1e38, 0.0, 0
+    c.on_nonfinite = "skip"
+    c.lock()
+    train.train(c, tmp_path / "skip")
+    for leaf in jax.tree_util.tree_leaves(_params(tmp_path / "skip")):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_unknown_config_key_is_an_error_naming_it():
+    res = _cli("--config=configs/specpt_bgs.py", "--config.data.no_such_key=1", "--dry_run",
+               timeout=120)
+    assert res.returncode != 0 and "no_such_key" in res.stderr
+
+
+def test_unknown_variant_is_an_error_listing_known_ones():
+    res = _cli("--config=configs/specpt_bgs.py:variant=huge", "--dry_run", timeout=120)
+    assert res.returncode != 0 and "huge" in res.stderr and "tokens" in res.stderr
+
+
+def test_wrong_grid_length_for_a_fixed_grid_model(tmp_path):
+    c = tiny_config(tmp_path)
+    c.unlock()
+    c.model.variant = "small"
+    c.data.length = 5000
+    c.lock()
+    with pytest.raises(ValueError, match="7781"):
+        train.train(c, tmp_path / "len")
+
+
+# --- parameter counts through the CLI ---------------------------------------------------------
+def test_dry_run_prints_the_paper_count():
+    res = _cli("--config=configs/specpt_bgs.py:variant=paper", "--dry_run", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Total parameters: 1,120,475,621" in res.stdout
+
+
+@pytest.mark.parametrize("variant,total", [("paper_text", 77_103_617),
+                                           ("paper_count", 74_016_257)])
+def test_dry_run_redshift_heads(variant, total):
+    counts = train.dry_run(specpt_redshift("bgs", f"variant={variant}"))
+    assert counts["total"] == total
