@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -51,7 +50,11 @@ class Checkpointer:
         self.directory = Path(workdir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # Handlers named up front, so a fresh process can read metadata and restore any item.
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -99,10 +102,13 @@ class Checkpointer:
         if saved is None:
             return
         want, have = flat_shapes(abstract_state), flat_shapes(saved)
-        problems = [f"  missing in checkpoint: {k} {want[k]}" for k in sorted(set(want) - set(have))]
-        problems += [f"  not in model: {k} {have[k]}" for k in sorted(set(have) - set(want))]
-        problems += [f"  shape differs: {k} model {want[k]} vs checkpoint {have[k]}"
-                     for k in sorted(set(want) & set(have)) if want[k] != have[k]]
+        # Parameters first: optimiser moments repeat every parameter difference.
+        order = lambda k: (not k.startswith("params/"), k)
+        problems = [(k, f"  missing in checkpoint: {k} {want[k]}") for k in set(want) - set(have)]
+        problems += [(k, f"  not in model: {k} {have[k]}") for k in set(have) - set(want)]
+        problems += [(k, f"  shape differs: {k} model {want[k]} vs checkpoint {have[k]}")
+                     for k in set(want) & set(have) if want[k] != have[k]]
+        problems = [text for _, text in sorted(problems, key=lambda kv: order(kv[0]))]
         if problems:
             shown = problems[:40] + ([f"  ... and {len(problems) - 40} more"]
                                      if len(problems) > 40 else [])

@@ -185,8 +185,8 @@ def prepare_desi(inputs: Sequence[str], output: str | Path, *, cuts: str = "bgs"
             recs = has_z
         if cut_fn[cuts] is not None and recs:
             keep, cut_report = cut_fn[cuts](recs)
-            report["cuts"].update(cut_report.get("removed", cut_report))
-            report["cuts_skipped"].update(cut_report.get("skipped", []))
+            report["cuts"].update(cut_report)  # removed per cut, applied in order
+            report["cuts_skipped"].update(getattr(cut_report, "skipped", ()))
             recs = [r for r, k in zip(recs, keep) if k]
         records.extend(recs)
     ids = np.array([r["id"] for r in records], np.int64)

@@ -148,10 +148,10 @@ class Trainer:
         extra = {"value": loss} if self.uses_value else {}
         updates, new_opt = self.tx.update(grads, state["opt"], state["params"], **extra)
         new_params = optax.apply_updates(state["params"], updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         # Finite loss and gradients can still give an overflowing update (absurd learning rate).
         ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.global_norm(updates)))
+              & jnp.isfinite(optax.tree.norm(updates)))
         # A non-finite step changes nothing (no NaN ever reaches parameters or checkpoints);
         # the host sees `bad_step` at the next log and stops or carries on as configured.
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

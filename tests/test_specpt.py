@@ -120,11 +120,19 @@ def test_stem_lengths_and_token_geometry():
     assert cfg.num_tokens == 487 and cfg.flat_features == 124_672
     # Token t's receptive field is centred on pixel 16 t; 16 = ceil(7781 / 487).
     assert stem_token_geometry(cfg) == (0.0, 16)
-    assert stem_token_geometry(specpt_config("tokens")) == (0.0, 16)
+    assert stem_token_geometry(PAPER_GEOMETRY_TOKENS) == (0.0, 16)
+    # The CPU 'tokens' variant: stride 4·2·2·2 = 32 pixels per token, 244 tokens.
+    assert stem_token_geometry(specpt_config("tokens")) == (0.0, 32)
+    assert specpt_config("tokens").num_tokens == 244
+
+
+# The token architecture with the paper's stem geometry (16-pixel blocks, 487 tokens).
+PAPER_GEOMETRY_TOKENS = specpt_config("tokens", conv_kernels=(41, 21, 11), conv_strides=(2, 2, 2),
+                                      conv_paddings=(20, 10, 5))
 
 
 def test_token_mask_and_wavelength_follow_the_pixel_blocks():
-    cfg = specpt_config("tokens")
+    cfg = PAPER_GEOMETRY_TOKENS
     mask = np.ones((1, L), bool)
     mask[0, 160:168] = False           # token 10 = pixels [160, 176): 8 of 16 bad -> bad
     mask[0, 176:183] = False           # token 11: 7 of 16 bad -> valid
@@ -145,7 +153,7 @@ def test_token_mask_and_wavelength_follow_the_pixel_blocks():
 
 
 def test_token_blocks_round_trip_and_other_lengths():
-    cfg = specpt_config("tokens")
+    cfg = PAPER_GEOMETRY_TOKENS
     x = jnp.arange(2 * L, dtype=jnp.float32).reshape(2, L)
     blocks = specpt.token_blocks(cfg, x, 0.0)
     assert blocks.shape == (2, 487, 16)
@@ -302,3 +310,19 @@ def test_autoencoder_encoder_transfers_to_redshift_model(variant, small_autoenco
     weights = nnx.state(autoencoder.encoder, nnx.Any(nnx.Param, nnx.BatchStat))
     nnx.update(redshift.encoder, weights)
     np.testing.assert_array_equal(encode(redshift.encoder, flux, mask, wave), reference)
+
+
+def test_masked_autoencoding_hides_blocks_only_in_training(tokens_autoencoder):
+    model = tokens_autoencoder
+    flux = jnp.ones((4, L), jnp.float32)
+    mask = jnp.ones((4, L), bool)
+    hidden_flux, hidden_mask = model.hide_blocks(flux, mask, train=True)
+    hidden_mask = np.asarray(hidden_mask)
+    blocks = hidden_mask[:, : 243 * 32].reshape(4, 243, 32)
+    # whole 32-pixel blocks are hidden, never parts of one
+    assert np.all(blocks.all(-1) | ~blocks.any(-1))
+    frac = 1 - blocks.all(-1).mean()
+    assert 0.2 < frac < 0.4, frac                  # mask_ratio 0.3
+    assert np.all(np.asarray(hidden_flux)[~hidden_mask] == 0)
+    same_flux, same_mask = model.hide_blocks(flux, mask, train=False)
+    assert same_flux is flux and same_mask is mask

@@ -147,6 +147,9 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
                   "data.n_train": 96, "data.n_val": 16, "data.n_test": 24, "num_steps": 4,
                   "batch_size": 8, "log_every": 1, "ckpt_every": 4, "optim.warmup_steps": 2,
                   "data.cache_dir": cfg.data.cache_dir}.items()]]
+    cfg.unlock()
+    cfg.log_every = 1
+    cfg.lock()
     train.train(cfg, tmp_path / "one")  # makes the data too
     for name, mesh in (("dp8", ["--config.mesh.data=8"]),
                        ("fsdp", ["--config.mesh.data=4", "--config.mesh.fsdp=2"])):

@@ -63,6 +63,11 @@ class SpecPTConfig:
       count_head_widths: output widths of the 'paper_count' head's residual blocks.
       head_dropout: dropout in the redshift heads (reference: 0.2).
       wavelength_sinusoids: sinusoidal features of the token wavelength embedding ('tokens').
+      mask_ratio: 'tokens' autoencoder only: fraction of token pixel blocks hidden from the
+        encoder during training (flux zeroed, pixels masked) while the loss still asks for their
+        flux. Without it the token autoencoder has no bottleneck (487 × D features for 7781
+        pixels) and could learn the identity; with it the encoder must model spectra from context,
+        as in masked autoencoders.
       wavelength_min_period, wavelength_max_period: its period range in log10(λ/Å) units.
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters are always float32.
     """
@@ -91,6 +96,7 @@ class SpecPTConfig:
     count_head_widths: tuple[int, ...] = (256, 256, 256)
     head_dropout: float = 0.2
     wavelength_sinusoids: int = 64
+    mask_ratio: float = 0.0
     wavelength_min_period: float = DEFAULT_MIN_PERIOD
     wavelength_max_period: float = DEFAULT_MAX_PERIOD
     dtype: str = "float32"
@@ -125,6 +131,10 @@ class SpecPTConfig:
     def num_tokens(self) -> int:
         """Stem output positions for ``input_length`` pixels (487 for the paper sizes)."""
         return stem_lengths(self, self.input_length)[-1]
+
+    def num_tokens_for(self, length: int) -> int:
+        """Stem output positions for spectra of ``length`` pixels."""
+        return stem_lengths(self, length)[-1]
 
     @property
     def flat_features(self) -> int:
@@ -245,18 +255,23 @@ VARIANTS: dict[str, SpecPTConfig] = {
     "small": dataclasses.replace(
         _PAPER, conv_channels=(8, 16, 16), d_model=128, num_heads=4, ffn_dim=256,
         num_encoder_layers=2, num_decoder_layers=2, count_head_widths=(64, 64, 64)),
-    # The corrected token architecture at CPU-friendly width.
+    # The corrected token architecture at CPU width: a stride-4 first convolution and four
+    # times fewer tokens (244, 32 pixels = 25.6 Å each) than the paper's stem, because on a
+    # 2-core CPU attention over 487 tokens dominated the step (≈0.9 s per layer at B=32, D=128).
     "tokens": dataclasses.replace(
-        _PAPER, architecture="tokens", conv_channels=(32, 64, 128), d_model=128, num_heads=4,
-        ffn_dim=256, num_encoder_layers=3, num_decoder_layers=1, norm_first=True,
-        count_head_widths=(64, 64, 64)),
+        _PAPER, architecture="tokens", conv_channels=(16, 32, 64), conv_kernels=(15, 9, 5),
+        conv_strides=(4, 2, 2), conv_paddings=(7, 4, 2), d_model=64, num_heads=4, ffn_dim=128,
+        num_encoder_layers=2, num_decoder_layers=1, norm_first=True,
+        count_head_widths=(64, 64, 64), mask_ratio=0.3),
     # The corrected token architecture at the paper's widths.
-    "tokens_paper": dataclasses.replace(_PAPER, architecture="tokens", norm_first=True),
+    "tokens_paper": dataclasses.replace(_PAPER, architecture="tokens", norm_first=True,
+                                        mask_ratio=0.3),
     # The token architecture at toy width, for seconds-long end-to-end tests.
     "tiny": dataclasses.replace(
         _PAPER, architecture="tokens", conv_channels=(4, 8, 16), d_model=32, num_heads=2,
         ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1, norm_first=True,
-        text_head_blocks=1, count_head_widths=(16, 16, 16), wavelength_sinusoids=16),
+        text_head_blocks=1, count_head_widths=(16, 16, 16), wavelength_sinusoids=16,
+        mask_ratio=0.3),
 }
 
 
@@ -429,10 +444,29 @@ class SpecPTAutoencoder(nnx.Module):
                 dtype=dtype, rngs=rngs)
             _, pixels_per_token = stem_token_geometry(cfg)
             self.pixel_head = nnx.Linear(cfg.d_model, pixels_per_token, dtype=dtype, rngs=rngs)
+            # Dropout on a [B, T] array of ones draws the hidden blocks from the 'dropout' RNG
+            # stream, which the training loop reseeds from (seed, step).
+            self.block_masking = nnx.Dropout(cfg.mask_ratio, rngs=rngs)
+
+    def hide_blocks(self, flux, mask, *, train: bool):
+        """Masked-autoencoder input: during training, hide ``mask_ratio`` of the token blocks.
+
+        Returns (flux, mask) with hidden blocks zeroed and masked; unchanged in inference.
+        """
+        if not train or self.cfg.mask_ratio <= 0:
+            return flux, mask
+        num_tokens = self.cfg.num_tokens_for(flux.shape[1])
+        _, block = stem_token_geometry(self.cfg)
+        keep = self.block_masking(jnp.ones((flux.shape[0], num_tokens), jnp.float32),
+                                  deterministic=False) > 0
+        keep_pixels = untoken_blocks(jnp.repeat(keep[:, :, None], block, axis=2), flux.shape[1])
+        return jnp.where(keep_pixels, flux, 0.0), mask & keep_pixels
 
     def __call__(self, flux, mask, wavelength, *, train: bool):
         """flux [B, L] float32, mask [B, L] bool, wavelength [B, L] Å -> reconstruction [B, L]."""
         deterministic = not train
+        if self.cfg.architecture == "tokens":
+            flux, mask = self.hide_blocks(flux, mask, train=train)
         encoded = self.encoder(flux, mask, wavelength, train=train)
         if self.cfg.architecture == "paper":
             sequence = encoded[:, None, :]                                     # [B, 1, D]
