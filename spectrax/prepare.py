@@ -11,6 +11,14 @@ to train/val/test by a hash of its TARGETID, and writes shards plus a manifest w
 says how many spectra every cut and every reader rule removed. Train on it with
 ``python -m spectrax.train --config=configs/specpt_redshift_bgs.py --config.data.path=data/my_desi``.
 
+Other surveys (``--survey`` = any key of :data:`spectrax.data.readers.READERS`: sdss, lamost,
+apogee, galah, mmu) keep each spectrum on its NATIVE grid::
+
+    python -m spectrax.prepare --survey=apogee --input=path/to/aspcapStar --output=data/apogee
+
+Their records carry their own ``wavelength`` (the manifest's ``grid`` is None), the label names
+come from the reader, and the split is the same hash of the id; no quality cuts are applied.
+
 The embedded simulator needs no command: training configs call :func:`ensure_data`, which
 generates and caches the shards the first time (``data/`` by default).
 """
@@ -29,6 +37,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from spectrax.data import grids, shards
+from spectrax.data.readers import READERS
 from spectrax.spectra import SpectrumError, sanitize_record
 
 SIM_VERSION = 1  # bump when the simulator's output changes so caches are regenerated
@@ -160,6 +169,23 @@ def find_desi_pairs(inputs: Iterable[str]) -> list[tuple[Path, Path | None]]:
     return [(c, redrocks.get(c.name.split("-", 1)[-1])) for c in coadds]
 
 
+# Redrock redshifts outside this range are fitting failures, not galaxies: a label there would
+# teach the model garbage. Such labels are masked (set NaN) and counted as 'absurd_redshift';
+# with require_redshift (the default) the spectrum is then dropped and also counted in
+# 'no_redshift', otherwise it is kept unlabelled (usable for autoencoding).
+DESI_Z_RANGE = (-0.01, 10.0)
+
+
+def mask_absurd_redshift(record: dict, counts: Counter) -> dict:
+    """Sets the redshift label of ``record`` to NaN when it lies outside DESI_Z_RANGE."""
+    z = np.asarray(record["labels"], np.float32)
+    absurd = np.isfinite(z) & ((z < DESI_Z_RANGE[0]) | (z > DESI_Z_RANGE[1]))
+    if absurd.any():
+        counts["absurd_redshift"] += 1
+        record = {**record, "labels": np.where(absurd, np.nan, z).astype(np.float32)}
+    return record
+
+
 def prepare_desi(inputs: Sequence[str], output: str | Path, *, cuts: str = "bgs",
                  fractions: dict[str, float] | None = None, seed: int = 0,
                  require_redshift: bool = True) -> dict[str, Any]:
@@ -178,7 +204,7 @@ def prepare_desi(inputs: Sequence[str], output: str | Path, *, cuts: str = "bgs"
         report["files"].append({"coadd": coadd.name, "redrock": redrock.name if redrock else None,
                                 "records": len(result.records)})
         report["reader"].update(result.counts)
-        recs = result.records
+        recs = [mask_absurd_redshift(r, report["reader"]) for r in result.records]
         if require_redshift:
             has_z = [r for r in recs if np.isfinite(np.asarray(r["labels"])).all()]
             report["reader"]["no_redshift"] += len(recs) - len(has_z)
@@ -216,10 +242,77 @@ def prepare_desi(inputs: Sequence[str], output: str | Path, *, cuts: str = "bgs"
     return report
 
 
+# ==============================================================================================
+# Native-grid surveys (SDSS, LAMOST, APOGEE, GALAH, Multimodal Universe)
+# ==============================================================================================
+def find_survey_files(inputs: Iterable[str], pattern: str = "*.fits") -> list[Path]:
+    """Files from files and directories (directories searched recursively for ``pattern``)."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise FileNotFoundError(f"--input {item}: no such file or directory")
+        files.extend(sorted(p.rglob(pattern)) if p.is_dir() else [p])
+    if not files:
+        raise FileNotFoundError(f"no {pattern} among --input {list(inputs)}")
+    return files
+
+
+def _dedup_by_id(records: list[dict], report: Counter) -> tuple[list[dict], np.ndarray]:
+    """Keeps the first record of each id (the same object in two files), counting the rest."""
+    ids = np.array([r["id"] for r in records], np.int64)
+    _, first = np.unique(ids, return_index=True)
+    keep = sorted(first)
+    if len(keep) < len(records):
+        report["duplicate_id_across_files"] += len(records) - len(keep)
+    return [records[i] for i in keep], ids[keep]
+
+
+def prepare_survey(survey: str, inputs: Sequence[str], output: str | Path, *,
+                   fractions: dict[str, float] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Reads a native-grid survey's files into a shard directory; returns the report.
+
+    Records keep their own wavelength arrays (manifest ``grid`` None); label names come from
+    the reader (e.g. ``["z", "class"]`` for SDSS/LAMOST); the split is the id hash of
+    :func:`shards.assign_split`, as for DESI.
+    """
+    if survey == "desi":
+        raise ValueError("use prepare_desi for --survey=desi (it applies the DESI cuts)")
+    if survey not in READERS:
+        raise ValueError(f"--survey={survey!r}; known: {sorted(READERS)}")
+    reader = READERS[survey]
+    fractions = fractions or DEFAULT_FRACTIONS
+    files = find_survey_files(inputs, reader.pattern)
+    result = reader(files)
+    reader_counts = Counter(result.counts)
+    records, ids = _dedup_by_id(result.records, reader_counts)
+    label_names = list(result.label_names)
+    out = Path(output)
+    tmp = _atomic_dir(out)
+    split_of = shards.assign_split(ids, fractions, seed) if len(ids) else np.array([])
+    splits = {split: shards.write_split(tmp, split, [r for r, s in zip(records, split_of)
+                                                     if s == split])
+              for split in fractions}
+    train = np.array([r["labels"] for r, s in zip(records, split_of) if s == "train"],
+                     np.float64).reshape(-1, len(label_names))
+    report = {"files": [{"file": f.name} for f in files], "reader": dict(reader_counts),
+              "cuts": {}, "cuts_skipped": [], "kept": len(records),
+              "splits": {k: v["count"] for k, v in splits.items()}}
+    shards.write_manifest(tmp, shards.Manifest(
+        label_names=label_names, splits=splits, grid=None,
+        stats={"labels": label_stats(train, label_names)}, report=report,
+        source={"survey": survey, "inputs": [str(i) for i in inputs]}))
+    _publish(tmp, out)
+    return report
+
+
 def print_report(report: dict[str, Any]) -> None:
     print("files:")
     for f in report["files"]:
-        print(f"  {f['coadd']} (+ {f['redrock']}): {f['records']} spectra read")
+        if "coadd" in f:
+            print(f"  {f['coadd']} (+ {f['redrock']}): {f['records']} spectra read")
+        else:
+            print(f"  {f['file']}")
     print("reader (spectra skipped / pixels masked):")
     for k, v in sorted(report["reader"].items()):
         print(f"  {k:<36}{v:>10,}")
@@ -233,10 +326,12 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("survey", "desi", ["desi"], "Survey format of --input.")
+flags.DEFINE_enum("survey", "desi", sorted(READERS),
+                  "Survey format of --input (desi: 7781-pixel grid; others: native grids).")
 flags.DEFINE_list("input", [], "Files or directories to read.")
 flags.DEFINE_string("output", None, "Shard directory to write.")
-flags.DEFINE_enum("cuts", "bgs", ["bgs", "elg", "none"], "Quality cuts (SPECS.md section 1).")
+flags.DEFINE_enum("cuts", "bgs", ["bgs", "elg", "none"],
+                  "Quality cuts (SPECS.md section 1; DESI only).")
 flags.DEFINE_list("fractions", ["0.7", "0.15", "0.15"], "train,val,test fractions.")
 flags.DEFINE_integer("seed", 0, "Seed of the TARGETID-hash split assignment.")
 flags.DEFINE_bool("require_redshift", True, "Drop (and count) spectra without a redshift.")
@@ -250,9 +345,14 @@ def main(argv):
     if len(fr) != 3:
         raise app.UsageError("--fractions needs three numbers: train,val,test")
     try:
-        report = prepare_desi(FLAGS.input, FLAGS.output, cuts=FLAGS.cuts,
-                              fractions=dict(zip(("train", "val", "test"), fr)), seed=FLAGS.seed,
-                              require_redshift=FLAGS.require_redshift)
+        fractions = dict(zip(("train", "val", "test"), fr))
+        if FLAGS.survey == "desi":
+            report = prepare_desi(FLAGS.input, FLAGS.output, cuts=FLAGS.cuts,
+                                  fractions=fractions, seed=FLAGS.seed,
+                                  require_redshift=FLAGS.require_redshift)
+        else:
+            report = prepare_survey(FLAGS.survey, FLAGS.input, FLAGS.output,
+                                    fractions=fractions, seed=FLAGS.seed)
     except (SpectrumError, FileNotFoundError, ValueError) as e:
         print(f"spectrax.prepare: error: {e}", file=sys.stderr)
         sys.exit(2)
