@@ -13,7 +13,6 @@ SpecPT takes as input. The survey's sample cuts (:func:`bgs_quality_cuts`,
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +20,8 @@ import numpy as np
 from astropy.io import fits
 
 from spectrax.data.grids import DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP, desi_wavelength
+from spectrax.data.readers.common import hdu_names as _hdu_names
+from spectrax.data.readers.common import open_fits as _open_fits
 from spectrax.spectra import SpectrumError, sanitize_record
 
 # Largest distance (Å) between a camera pixel and the grid pixel it is mapped to. Real coadds
@@ -205,37 +206,6 @@ def camera_pixel_counts(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np
 # ----------------------------------------------------------------------------------------------
 # FITS access with errors that name the file
 # ----------------------------------------------------------------------------------------------
-
-def _open_fits(path: Path) -> fits.HDUList:
-    """Opens a FITS file, reading every header now, so truncation surfaces here with the name.
-
-    astropy only *warns* about a truncated file (and then serves short or missing HDUs), so
-    its warnings are caught: a truncation warning becomes an error, others are re-issued with
-    the file name, and all of them are quoted when opening fails.
-    """
-    if not path.exists():
-        raise SpectrumError(f"{path}: file not found")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
-        except Exception as exc:  # OSError, ValueError, … depending on where the file breaks
-            notes = "; ".join(str(w.message) for w in caught)
-            raise SpectrumError(f"{path}: cannot read as FITS (truncated or corrupt?): "
-                                f"{type(exc).__name__}: {exc}" + (f" [{notes}]" if notes else "")
-                                ) from exc
-    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
-    if truncated:
-        hdul.close()
-        raise SpectrumError(f"{path}: FITS file is truncated: {truncated[0]}")
-    for w in caught:
-        warnings.warn(f"{path}: {w.message}", stacklevel=3)
-    return hdul
-
-
-def _hdu_names(hdul: fits.HDUList) -> list[str]:
-    return [h.name for h in hdul]
-
 
 def _get_data(hdul: fits.HDUList, name: str, path: Path) -> Any:
     """Data of HDU ``name``; SpectrumError naming the file and listing its HDUs if absent."""
