@@ -24,9 +24,23 @@ def _specpt_redshift(m, rngs):
                                  batch_mixing_attention=m.batch_mixing_attention, rngs=rngs)
 
 
+def _tokenizer(m, rngs):
+    from spectrax.models import tokenizer
+    return tokenizer.SpectralTokenizer(
+        tokenizer.tokenizer_config(m.variant or "small", dtype=m.dtype), rngs=rngs)
+
+
+def _spectrafm(m, rngs):
+    from spectrax.models import spectrafm
+    return spectrafm.SpectraFM(spectrafm.spectrafm_config(m.variant or "small", dtype=m.dtype),
+                               rngs=rngs)
+
+
 BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
+    "spectrafm": _spectrafm,
     "specpt_autoencoder": _specpt_autoencoder,
     "specpt_redshift": _specpt_redshift,
+    "tokenizer": _tokenizer,
 }
 
 
