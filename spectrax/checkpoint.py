@@ -7,9 +7,11 @@ A checkpoint at step N holds three items:
 - ``data``: the Grain iterator state (JSON), so a resumed run continues the same batch stream;
 - ``meta``: JSON facts about the run (config name, model summary, normalisation statistics).
 
-Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed during a save leaves the previous checkpoint intact and :meth:`Checkpointer.latest_step`
-only ever sees complete ones.
+Orbax writes each step into a temporary directory (``<step>.orbax-checkpoint-tmp-<time>``) and
+renames it to ``<step>`` when complete, so a process killed during a save leaves the previous
+checkpoint intact. :meth:`Checkpointer.latest_step` ignores those temporary directories and, as
+a second line of defence (file systems without atomic rename, a directory copied by hand), any
+step directory that lacks one of the three items.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+# The items of one checkpoint step (sub-directories of ``<step>/``).
+ITEMS = ("state", "data", "meta")
 
 
 class CheckpointMismatchError(ValueError):
@@ -57,7 +61,16 @@ class Checkpointer:
                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest COMPLETE step, or None (temporary and partial step directories skipped)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if self.is_complete(step):
+                return step
+        return None
+
+    def is_complete(self, step: int) -> bool:
+        """True when ``<step>/`` holds every item a restore reads (state, data, meta)."""
+        d = self.directory / str(step)
+        return all((d / item).is_dir() and any((d / item).iterdir()) for item in ITEMS)
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict, *,
              force: bool = False) -> bool:
@@ -91,8 +104,25 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(self._local_target(step)),
+            meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
+
+    def _local_target(self, step: int) -> Any:
+        """The saved arrays' shapes and dtypes placed on this process's first device.
+
+        Without a target Orbax reuses the saved shardings, which fails when the checkpoint was
+        written on another set of devices (e.g. an 8-device run read on 1).
+        """
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except Exception:  # metadata unavailable: let Orbax use what it finds
+            return None
+        if saved is None:
+            return None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            saved)
 
     def _check_compatible(self, step: int, abstract_state: Any) -> None:
         try:

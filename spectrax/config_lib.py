@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 0              # 0 = only at the end
     c.keep_checkpoints = 2
     c.on_nonfinite = "stop"       # stop | skip
+    c.memory_limit_gb = 0.0       # per-device memory the compiled step may use; 0 = the device's
     c.num_figures = 6
     return c
 

@@ -109,24 +109,28 @@ def sanitize_record(record: Mapping[str, Any], where: str = "record") -> tuple[d
                 f"{where}: '{key}' has shape {arr.shape} but flux has {(n,)}; arrays of one "
                 "spectrum must have equal lengths")
 
+    # float32 is what shards and models hold: finite float64 values beyond its range would
+    # become inf there, so they count as non-finite here.
+    f32_max = float(np.finfo(np.float32).max)
+    flux_ok = np.isfinite(flux) & (np.abs(flux) <= f32_max)
+    ivar_ok = np.isfinite(ivar) & (np.abs(ivar) <= f32_max)
     counts = {
-        "nonfinite_flux": int(np.sum(~np.isfinite(flux) & mask)),
-        "nonfinite_ivar": int(np.sum(~np.isfinite(ivar) & mask)),
-        "nonpositive_ivar": int(np.sum(np.isfinite(ivar) & (ivar <= 0) & mask)),
+        "nonfinite_flux": int(np.sum(~flux_ok & mask)),
+        "nonfinite_ivar": int(np.sum(~ivar_ok & mask)),
+        "nonpositive_ivar": int(np.sum(ivar_ok & (ivar <= 0) & mask)),
         "flagged": int(np.sum(~mask)),
     }
-    good = mask & np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    good = mask & flux_ok & ivar_ok & (ivar > 0)
     clean = dict(record)
+    if "wavelength" in arrays:
+        wave = arrays["wavelength"]
+        wave_ok = np.isfinite(wave) & (wave > 0)
+        counts["bad_wavelength"] = int(np.sum(~wave_ok & good))
+        good = good & wave_ok  # a pixel without a wavelength carries no usable flux either
+        clean["wavelength"] = np.where(wave_ok, wave, PAD_WAVELENGTH).astype(np.float32)
     clean["flux"] = np.where(good, flux, 0.0).astype(np.float32)
     clean["ivar"] = np.where(good, ivar, 0.0).astype(np.float32)
     clean["mask"] = good
-    if "wavelength" in arrays:
-        wave = arrays["wavelength"]
-        bad_wave = ~np.isfinite(wave) | (wave <= 0)
-        counts["bad_wavelength"] = int(np.sum(bad_wave & good))
-        clean["mask"] = good & ~bad_wave
-        clean["wavelength"] = np.where(np.isfinite(wave) & (wave > 0), wave,
-                                       PAD_WAVELENGTH).astype(np.float32)
     if "labels" in record:
         clean["labels"] = np.atleast_1d(np.asarray(record["labels"], dtype=np.float32))
     counts["valid_pixels"] = int(clean["mask"].sum())

@@ -248,21 +248,130 @@ def label_indices(manifest, task) -> list[int]:
 
 
 class _Preemption:
-    """Turns SIGTERM (what schedulers send before preempting) into a clean save-and-exit."""
+    """Turns SIGTERM (what schedulers send before preempting) into a clean save-and-exit.
+
+    Installed at the very start of :func:`train`, so a SIGTERM that arrives while the data are
+    prepared or the step compiles is not fatal: the loop sees the flag after its next step,
+    saves and exits 0. :meth:`restore` puts the previous handler back (train() may run inside a
+    longer-lived process such as a test runner or a notebook).
+    """
 
     def __init__(self):
         self.requested = False
+        self._previous = None
         try:
-            signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not in the main thread (e.g. inside a test runner thread)
             pass
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# A logged gradient norm this many times the running median of earlier ones is reported.
+GRAD_SPIKE_FACTOR = 10.0
+
+
+class GradNormMonitor:
+    """Spots exploding gradient norms from values the log step has already fetched.
+
+    Keeps the last ``window`` logged per-step norms; a new norm above ``factor`` × their median
+    (once ``min_history`` are known) yields a warning naming the step. Host-side and only fed on
+    log steps, so it costs nothing on the device.
+    """
+
+    def __init__(self, factor: float = GRAD_SPIKE_FACTOR, window: int = 200,
+                 min_history: int = 4):
+        self.factor, self.min_history = factor, min_history
+        self.history: collections.deque = collections.deque(maxlen=window)
+
+    def update(self, steps: list[int], norms: list[float]) -> list[str]:
+        """Feeds one log window (step numbers, 1-based, and their norms); returns warnings."""
+        warnings = []
+        for step, norm in zip(steps, norms):
+            if not np.isfinite(norm):
+                continue  # non-finite steps are the job of the bad_step guard
+            if len(self.history) >= self.min_history:
+                med = float(np.median(self.history))
+                if med > 0 and norm > self.factor * med:
+                    warnings.append(f"warning: exploding gradient norm {norm:.4g} at step {step} "
+                                    f"({norm / med:.1f}x the running median {med:.4g} of "
+                                    "logged norms)")
+            self.history.append(norm)
+        return warnings
+
+
+# ==============================================================================================
+# Memory: refuse a config that cannot fit before the first step
+# ==============================================================================================
+def required_bytes(compiled) -> int | None:
+    """Per-device bytes the compiled step needs (arguments + outputs + temporaries − aliased:
+    donated state is counted once), or None when the backend has no memory analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def available_bytes(config) -> tuple[int | None, str]:
+    """(per-device bytes available, where that figure comes from).
+
+    ``config.memory_limit_gb`` > 0 wins; else the accelerator's ``bytes_limit``; else (CPU)
+    the host's available RAM shared by the local devices.
+    """
+    limit_gb = float(config.get("memory_limit_gb", 0) or 0)
+    if limit_gb > 0:
+        return int(limit_gb * 2**30), f"config.memory_limit_gb={limit_gb:g}"
+    dev = jax.local_devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # CPU devices may not report memory statistics
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{dev.device_kind} bytes_limit"
+    try:
+        import psutil
+    except ImportError:
+        return None, "unknown (no psutil)"
+    return (int(psutil.virtual_memory().available // max(jax.local_device_count(), 1)),
+            "host RAM available / local devices")
+
+
+def check_memory(compiled, config) -> None:
+    """Raises MemoryError, quoting the compiled memory analysis, when the step cannot fit."""
+    need = required_bytes(compiled)
+    have, source = available_bytes(config)
+    if need is None or have is None or need <= have:
+        return
+    raise MemoryError(
+        f"this config needs {need / 2**30:.3f} GiB per device but {have / 2**30:.3f} GiB are "
+        f"available ({source}); {memory_text(compiled)}. Lower config.batch_size, use a "
+        "smaller model variant or shard parameters over more devices (config.mesh.fsdp)")
+
 
 def train(config, workdir: str | Path | None = None) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics."""
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics.
+
+    SIGTERM at any point saves a checkpoint after the current step and exits with status 0.
+    """
+    preempt = _Preemption()  # first: a SIGTERM during set-up must not kill the run
+    try:
+        return _train(config, workdir, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(config, workdir, preempt: _Preemption) -> dict:
+    """The body of :func:`train` (``preempt`` says whether SIGTERM has arrived)."""
     from spectrax import checkpoint, sharding
     from spectrax.data import pipeline, shards
     from spectrax.models import registry
@@ -315,10 +424,11 @@ def train(config, workdir: str | Path | None = None) -> dict:
     step_fn, compile_s, mem = trainer.compile(batch)
     if is_main:
         print(f"compiled train step in {compile_s:.1f} s; {mem}", flush=True)
+    check_memory(step_fn, config)  # before any step: fail in seconds, not at the first OOM
 
     # -- loop -----------------------------------------------------------------------------
     logger = MetricLogger(workdir, enabled=is_main)
-    preempt = _Preemption()
+    grad_monitor = GradNormMonitor()
     recent_ids = collections.deque(maxlen=max(config.log_every, 1))
     pending: list[dict] = []
     meta = {"config": config.name, "task": config.task, "model": config.model.to_dict(),
@@ -343,6 +453,11 @@ def train(config, workdir: str | Path | None = None) -> dict:
             logged = jax.device_get(pending)
             pending = []
             _check_finite(state, config, recent_ids)
+            for warning in grad_monitor.update(
+                    list(range(done - len(logged) + 1, done + 1)),
+                    [float(l["grad_norm"]) for l in logged]):
+                if is_main:
+                    print(warning, flush=True)
             row = {k: float(np.mean([l[k] for l in logged])) for k in logged[0]}
             row["step"] = done
             if steps_timed:
@@ -368,6 +483,11 @@ def train(config, workdir: str | Path | None = None) -> dict:
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - t_start if t_start else 0.0
     ckpt.wait()
+    if preempt.requested:  # arrived after the last step: its checkpoint is saved; skip eval
+        print(f"SIGTERM: checkpoint at step {config.num_steps} is saved; exiting before the "
+              "final evaluation (restart to run it).", flush=True)
+        ckpt.close()
+        sys.exit(0)
 
     # -- final evaluation ----------------------------------------------------------------
     split = "test" if "test" in manifest.splits else "val"

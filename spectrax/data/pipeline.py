@@ -20,14 +20,17 @@ import jax
 import numpy as np
 
 from spectrax.data import shards
-from spectrax.spectra import SpectrumBatch, pad_batch_rows, stack_records
+from spectrax.spectra import SpectrumBatch, SpectrumError, pad_batch_rows, stack_records
 
 
-class _Decode(grain.transforms.Map):
-    """bytes -> record dict (numpy)."""
+class _Decode:
+    """(index, bytes) -> record dict (numpy); errors name the shard files and the record."""
 
-    def map(self, data: bytes) -> dict[str, Any]:
-        return shards.decode_record(data)
+    def __init__(self, where: str):
+        self.where = where
+
+    def __call__(self, index: int, data: bytes) -> dict[str, Any]:
+        return shards.decode_record(data, where=f"{self.where} record {index}")
 
 
 def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
@@ -37,8 +40,16 @@ def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
 
 
 def _source(directory: str, split: str) -> grain.MapDataset:
+    """The split's records as a random-access Grain dataset of decoded dicts."""
     paths = shards.split_paths(directory, split)
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    try:
+        source = grain.sources.ArrayRecordDataSource(paths)
+        len(source)
+    except Exception as e:  # the C++ reader raises bare RuntimeErrors on damaged files
+        raise SpectrumError(f"{', '.join(paths)}: corrupt or truncated ArrayRecord shard "
+                            f"({type(e).__name__}: {e})") from e
+    where = paths[0] if len(paths) == 1 else f"{directory} split '{split}' ({len(paths)} shards)"
+    return grain.MapDataset.source(source).map_with_index(_Decode(where))
 
 
 def pixel_length(manifest: shards.Manifest, requested: int | None = None) -> int | None:
@@ -77,7 +88,6 @@ def train_iterator(directory: str, *, batch_size: int, seed: int, split: str = "
                               grid=manifest.grid_array(),
                               length=pixel_length(manifest, length), batch_size=batch_size)
     ds = (ds.seed(seed).shuffle().repeat()
-          .map(_Decode())
           .batch(batch_size, drop_remainder=True, batch_fn=stack))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
     return iter(ds.to_iter_dataset(options))
@@ -90,7 +100,7 @@ def eval_batches(directory: str, split: str, *, batch_size: int, length: int | N
     stack = functools.partial(_stack, num_labels=len(manifest.label_names),
                               grid=manifest.grid_array(),
                               length=pixel_length(manifest, length), batch_size=batch_size)
-    ds = (_source(directory, split).map(_Decode())
+    ds = (_source(directory, split)
           .batch(batch_size, drop_remainder=False, batch_fn=stack))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
     yield from ds.to_iter_dataset(options)
