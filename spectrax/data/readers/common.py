@@ -111,7 +111,7 @@ def table_columns(table: Any, required: Sequence[str], optional: Sequence[str],
 
     Raises SpectrumError naming ``where`` and listing the table's columns when one is missing.
     """
-    names = list(table.columns.names)
+    names = list(getattr(table, "colnames", None) or table.columns.names)  # astropy Table too
     missing = [c for c in required if c not in names]
     if missing:
         raise SpectrumError(f"{where}: missing column(s) {missing}; the table has {names}")

@@ -22,6 +22,7 @@ from astropy.io import fits
 from spectrax.data.grids import DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP, desi_wavelength
 from spectrax.data.readers.common import hdu_names as _hdu_names
 from spectrax.data.readers.common import open_fits as _open_fits
+from spectrax.data.readers.common import table_columns as _table_columns
 from spectrax.spectra import SpectrumError, sanitize_record
 
 # Largest distance (Å) between a camera pixel and the grid pixel it is mapped to. Real coadds
@@ -216,24 +217,6 @@ def _get_data(hdul: fits.HDUList, name: str, path: Path) -> Any:
     except Exception as exc:
         raise SpectrumError(f"{path}: HDU '{name}' cannot be read (truncated or corrupt?): "
                             f"{type(exc).__name__}: {exc}") from exc
-
-
-def _table_columns(table: Any, required: Sequence[str], optional: Sequence[str],
-                   where: str) -> dict[str, np.ndarray]:
-    """Columns of a FITS table as plain numpy arrays (native byte order, str not bytes)."""
-    names = list(getattr(table, "colnames", None) or table.columns.names)
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise SpectrumError(f"{where}: missing column(s) {missing}; the table has {names}")
-    out = {}
-    for col in (*required, *[c for c in optional if c in names]):
-        arr = np.asarray(table[col])
-        if arr.dtype.kind in "SU":
-            arr = np.char.strip(arr.astype(str))
-        elif arr.dtype.byteorder not in ("=", "|"):
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        out[col] = arr
-    return out
 
 
 def _read_cameras(hdul: fits.HDUList, path: Path, n_rows: int) -> tuple[dict, dict, dict, dict]:
