@@ -111,6 +111,9 @@ class Trainer:
         self.rng_template = jax.jit(lambda: nnx.split(self.model_fn(config.seed), nnx.Param,
                                                       nnx.RngState, ...)[2])()
         self.base_key = jax.random.key(config.seed)
+        # One jitted evaluation function per run: re-wrapping the bound method at every
+        # evaluation would recompile it each time (eval_every).
+        self.jitted_eval_step = jax.jit(self.eval_step)
 
     # -- state ----------------------------------------------------------------------------
     def _init(self):
@@ -535,7 +538,7 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
     bs = config.eval_batch_size
     if bs % jax.device_count():
         bs = jax.device_count() * max(1, bs // jax.device_count())
-    step = jax.jit(trainer.eval_step)
+    step = trainer.jitted_eval_step
     outs, losses, examples = [], [], None
     pi, local = jax.process_index(), bs // jax.process_count()
     n_batches = pipeline.num_eval_batches(data_dir, split, bs)

@@ -12,6 +12,7 @@ from spectrax.data.grids import DESI_NPIX, desi_wavelength
 from spectrax.data.readers.desi import (
     bgs_quality_cuts, elg_oii_criterion, elg_quality_cuts, merge_cameras, read_desi_coadd)
 from spectrax.spectra import SpectrumError
+from fits_edit import edited_copy
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "real" / "desi"
 COADD = REAL / "coadd-4-80613-thru20210324.fits"
@@ -45,16 +46,6 @@ def _on_grid(wave: np.ndarray, values: np.ndarray, fill=np.nan) -> np.ndarray:
     out = np.full(DESI_NPIX, fill, dtype=float)
     out[idx] = values
     return out
-
-
-def _edited_copy(src: Path, dst: Path, edit) -> Path:
-    """Copies a FITS file through astropy, applying ``edit(hdul)`` in memory first."""
-    with fits.open(src, memmap=False) as hdul:
-        for hdu in hdul:
-            _ = hdu.data  # load everything before editing/writing
-        edit(hdul)
-        hdul.writeto(dst)
-    return dst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +167,7 @@ def test_truncated_coadd_names_file(tmp_path, fraction):
 def test_missing_redshift_hdu_is_clear(tmp_path):
     with pytest.raises(SpectrumError, match=r"coadd-4-80613.*REDSHIFTS"):
         read_desi_coadd(COADD, None, require_redshift=True)
-    no_z = _edited_copy(REDROCK, tmp_path / "redrock-noz.fits",
+    no_z = edited_copy(REDROCK, tmp_path / "redrock-noz.fits",
                         lambda h: h.pop(h.index_of("REDSHIFTS")))
     with pytest.raises(SpectrumError, match=r"redrock-noz.fits: no HDU 'REDSHIFTS'.*FIBERMAP"):
         read_desi_coadd(COADD, no_z)
@@ -184,7 +175,7 @@ def test_missing_redshift_hdu_is_clear(tmp_path):
 
 @needs_real
 def test_missing_camera_hdu_lists_what_file_has(tmp_path):
-    bad = _edited_copy(COADD, tmp_path / "coadd-nor.fits", lambda h: h.pop(h.index_of("R_IVAR")))
+    bad = edited_copy(COADD, tmp_path / "coadd-nor.fits", lambda h: h.pop(h.index_of("R_IVAR")))
     with pytest.raises(SpectrumError, match=r"coadd-nor.fits: no HDU 'R_IVAR'.*R_FLUX"):
         read_desi_coadd(bad)
 
@@ -198,7 +189,7 @@ def test_nonfinite_camera_pixels_are_masked_and_counted(tmp_path):
         h["Z_FLUX"].data[0, -3:] = np.inf          # Z-only region, last pixels
         h["R_IVAR"].data[0, 5] = np.nan            # R pixel 5764 Å, inside the b/r overlap
 
-    bad = _edited_copy(COADD, tmp_path / "coadd-nan.fits", inject)
+    bad = edited_copy(COADD, tmp_path / "coadd-nan.fits", inject)
     result = read_desi_coadd(bad, REDROCK)
     rec = result.records[0]
     assert np.isfinite(rec["flux"]).all() and np.isfinite(rec["ivar"]).all()
@@ -236,8 +227,8 @@ def test_duplicate_targetids_kept_once_and_join_by_targetid(tmp_path):
         new.name = "REDSHIFTS"
         h[h.index_of("REDSHIFTS")] = new
 
-    coadd = _edited_copy(COADD, tmp_path / "coadd-dup.fits", duplicate)
-    redrock = _edited_copy(REDROCK, tmp_path / "redrock-decoy.fits", decoy_first)
+    coadd = edited_copy(COADD, tmp_path / "coadd-dup.fits", duplicate)
+    redrock = edited_copy(REDROCK, tmp_path / "redrock-decoy.fits", decoy_first)
     result = read_desi_coadd(coadd, redrock)
     assert len(result.records) == 1
     assert result.counts["duplicate_targetid"] == 1
@@ -248,7 +239,7 @@ def test_duplicate_targetids_kept_once_and_join_by_targetid(tmp_path):
 def test_require_redshift_skips_unmatched(tmp_path):
     def other_id(h):
         h["REDSHIFTS"].data["TARGETID"][:] = 7
-    redrock = _edited_copy(REDROCK, tmp_path / "redrock-other.fits", other_id)
+    redrock = edited_copy(REDROCK, tmp_path / "redrock-other.fits", other_id)
     result = read_desi_coadd(COADD, redrock, require_redshift=True)
     assert result.records == [] and result.counts["no_redshift_match"] == 1
     kept = read_desi_coadd(COADD, redrock)

@@ -10,20 +10,12 @@ from astropy.io import fits
 from spectrax.data.readers.apogee import CHIP_PIXELS, LABEL_NAMES, read_apogee
 from spectrax.data.readers.common import stable_id
 from spectrax.spectra import SpectrumError
+from fits_edit import edited_copy
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "apogee"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"APOGEE fixtures not found at {REAL}")
 ASPCAP = REAL / "aspcapStar-r6-l30e.2-2M05392474+4038437.fits"  # calibrated PARAM
 APSTAR = REAL / "apStar-r6-2M00452143+1634446.fits"
-
-
-def _edited(src: Path, dst: Path, edit) -> Path:
-    with fits.open(src, memmap=False) as hdul:
-        for h in hdul:
-            _ = h.data
-        edit(hdul)
-        hdul.writeto(dst, output_verify="silentfix")
-    return dst
 
 
 def test_aspcapstar_matches_direct_read():
@@ -86,20 +78,20 @@ def test_bad_inputs(tmp_path):
     cut.write_bytes(ASPCAP.read_bytes()[:50000])
     with pytest.raises(SpectrumError, match="aspcapStar-cut.fits"):
         read_apogee(cut)
-    no_table = _edited(ASPCAP, tmp_path / "aspcapStar-notable.fits", lambda h: h.pop(4))
+    no_table = edited_copy(ASPCAP, tmp_path / "aspcapStar-notable.fits", lambda h: h.pop(4))
     with pytest.raises(SpectrumError, match=r"notable.fits.*no HDU 4.*4 HDUs"):
         read_apogee(no_table)
 
     def short_error(h):
         h[2].data = h[2].data[:8000]
     with pytest.raises(SpectrumError, match=r"short.fits.*HDU 2.*8000"):
-        read_apogee(_edited(ASPCAP, tmp_path / "aspcapStar-short.fits", short_error))
+        read_apogee(edited_copy(ASPCAP, tmp_path / "aspcapStar-short.fits", short_error))
 
     def spoil(h):
         h[1].data[300] = np.nan
         h[2].data[301] = -1.0
         h[2].data[302] = np.inf
-    result = read_apogee(_edited(ASPCAP, tmp_path / "aspcapStar-bad.fits", spoil))
+    result = read_apogee(edited_copy(ASPCAP, tmp_path / "aspcapStar-bad.fits", spoil))
     rec = result.records[0]
     i = np.searchsorted(CHIP_PIXELS, [300, 301, 302])
     assert not rec["mask"][i].any() and not rec["ivar"][i].any()
@@ -108,4 +100,4 @@ def test_bad_inputs(tmp_path):
     def decreasing(h):
         h[1].header["CDELT1"] = -6e-6
     with pytest.raises(SpectrumError, match=r"decr.fits.*wavelength.*increasing"):
-        read_apogee(_edited(ASPCAP, tmp_path / "aspcapStar-decr.fits", decreasing))
+        read_apogee(edited_copy(ASPCAP, tmp_path / "aspcapStar-decr.fits", decreasing))

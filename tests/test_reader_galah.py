@@ -11,6 +11,7 @@ from astropy.io import fits
 from spectrax.data.readers.common import air_to_vacuum
 from spectrax.data.readers.galah import LABEL_NAMES, read_galah
 from spectrax.spectra import SpectrumError
+from fits_edit import edited_copy
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "galah"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"GALAH fixtures not found at {REAL}")
@@ -67,15 +68,6 @@ def test_missing_label_and_missing_ccd(tmp_path):
     assert result.counts["missing_ccd"] == 1 and result.counts["labels_missing"] == 1
 
 
-def _edited(src: Path, dst: Path, edit) -> Path:
-    with fits.open(src, memmap=False) as hdul:
-        for h in hdul:
-            _ = h.data
-        edit(hdul)
-        hdul.writeto(dst, output_verify="silentfix")
-    return dst
-
-
 def test_bad_inputs(tmp_path):
     cut = tmp_path / f"{STAR}1.fits"
     cut.write_bytes(CCDS[0].read_bytes()[:60000])
@@ -83,7 +75,7 @@ def test_bad_inputs(tmp_path):
         read_galah([cut])
     d = tmp_path / "b"
     d.mkdir()
-    no_err = _edited(CCDS[0], d / f"{STAR}1.fits", lambda h: h.pop("relative_error"))
+    no_err = edited_copy(CCDS[0], d / f"{STAR}1.fits", lambda h: h.pop("relative_error"))
     with pytest.raises(SpectrumError, match=r"relative_error.*normalized"):
         read_galah([no_err])
 
@@ -92,7 +84,7 @@ def test_bad_inputs(tmp_path):
     d2 = tmp_path / "c"
     d2.mkdir()
     with pytest.raises(SpectrumError, match=r"shape.*4000"):
-        read_galah([_edited(CCDS[0], d2 / f"{STAR}1.fits", short)])
+        read_galah([edited_copy(CCDS[0], d2 / f"{STAR}1.fits", short)])
 
     def spoil(h):
         h["normalized"].data[5] = np.nan
@@ -100,7 +92,7 @@ def test_bad_inputs(tmp_path):
         h["relative_error"].data[7] = np.inf
     d3 = tmp_path / "d"
     d3.mkdir()
-    result = read_galah([_edited(CCDS[0], d3 / f"{STAR}1.fits", spoil)])
+    result = read_galah([edited_copy(CCDS[0], d3 / f"{STAR}1.fits", spoil)])
     assert not result.records[0]["mask"][[5, 6, 7]].any()
 
     def backwards(h):
@@ -108,4 +100,4 @@ def test_bad_inputs(tmp_path):
     d4 = tmp_path / "e"
     d4.mkdir()
     with pytest.raises(SpectrumError, match=r"wavelength.*increasing"):
-        read_galah([_edited(CCDS[0], d4 / f"{STAR}1.fits", backwards)])
+        read_galah([edited_copy(CCDS[0], d4 / f"{STAR}1.fits", backwards)])

@@ -9,6 +9,7 @@ from astropy.io import fits
 
 from spectrax.data.readers.sdss import LABEL_NAMES, read_sdss
 from spectrax.spectra import CLASS_IDS, SpectrumError
+from fits_edit import edited_copy
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "sdss"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"SDSS fixtures not found at {REAL}")
@@ -17,15 +18,6 @@ EXPECTED = {"spec-0854-52373-0369.fits": (0.0365, "GALAXY"),
             "spec-1372-53062-0072.fits": (0.0419, "GALAXY"),
             "spec-1737-53055-0369.fits": (0.0616, "GALAXY"),
             "spec-0266-51602-0031.fits": (0.0, "STAR")}
-
-
-def _edited(src: Path, dst: Path, edit) -> Path:
-    with fits.open(src, memmap=False) as hdul:
-        for h in hdul:
-            _ = h.data
-        edit(hdul)
-        hdul.writeto(dst)
-    return dst
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -69,14 +61,14 @@ def test_truncated_file_names_it(tmp_path):
 
 def test_missing_hdu_and_column_list_what_is_there(tmp_path):
     src = REAL / "spec-0854-52373-0369.fits"
-    no_spec = _edited(src, tmp_path / "nospec.fits", lambda h: h.pop(2))
+    no_spec = edited_copy(src, tmp_path / "nospec.fits", lambda h: h.pop(2))
     with pytest.raises(SpectrumError, match=r"nospec.fits.*SPECOBJ.*COADD"):
         read_sdss(no_spec)
 
     def drop_ivar(h):
         cols = [c for c in h["COADD"].columns if c.name != "ivar"]
         h[1] = fits.BinTableHDU.from_columns(cols, name="COADD")
-    no_ivar = _edited(src, tmp_path / "noivar.fits", drop_ivar)
+    no_ivar = edited_copy(src, tmp_path / "noivar.fits", drop_ivar)
     with pytest.raises(SpectrumError, match=r"noivar.fits.*\['ivar'\].*loglam"):
         read_sdss(no_ivar)
 
@@ -90,7 +82,7 @@ def test_bad_pixels_masked_and_counted(tmp_path):
         c["ivar"][20] = np.inf
         c["ivar"][30] = -1.0
         c["and_mask"][10:40] = 0
-    bad = _edited(src, tmp_path / "bad.fits", spoil)
+    bad = edited_copy(src, tmp_path / "bad.fits", spoil)
     (rec,) = (result := read_sdss(bad)).records
     assert not rec["mask"][[10, 20, 30]].any() and rec["flux"][10] == 0
     assert result.counts["nonfinite_flux"] == 1 and result.counts["nonfinite_ivar"] == 1
@@ -104,11 +96,11 @@ def test_unsorted_wavelength_refused_and_missing_specobjid_packs(tmp_path):
         c = h["COADD"].data
         c["loglam"][100], c["loglam"][101] = c["loglam"][101], c["loglam"][100]
     with pytest.raises(SpectrumError, match=r"swapped.fits.*wavelength.*not strictly increasing"):
-        read_sdss(_edited(src, tmp_path / "swapped.fits", swap))
+        read_sdss(edited_copy(src, tmp_path / "swapped.fits", swap))
 
     def no_specobjid(h):
         cols = [c for c in h["SPECOBJ"].columns if c.name != "SPECOBJID"]
         h[2] = fits.BinTableHDU.from_columns(cols, name="SPECOBJ")
-    result = read_sdss(_edited(src, tmp_path / "noid.fits", no_specobjid))
+    result = read_sdss(edited_copy(src, tmp_path / "noid.fits", no_specobjid))
     assert int(result.records[0]["id"]) == 854 * 10**9 + 52373 * 10**4 + 369
     assert result.counts["id_from_plate_mjd_fiber"] == 1
