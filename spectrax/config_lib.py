@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.head = ""
     c.model.dtype = "float32"     # compute dtype; parameters stay float32
     c.model.batch_mixing_attention = False
+    c.model.num_outputs = 0       # classes or regressed labels of heads that need it
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""              # a shard directory; empty = the embedded simulator
@@ -55,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.sim_seed = 0
     c.data.cache_dir = "data"
     c.data.length = 0             # pixel axis length; 0 = the manifest grid's
+    c.data.buckets = ()           # length buckets (px) for variable-length spectra; () = none
     c.data.num_threads = 2
 
     c.batch_size = 32             # global, over all devices and processes
@@ -78,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.from_workdir = ""      # start from another run's latest checkpoint
     c.init.prefix = ""            # ... copying only this subtree (e.g. "encoder")
+    c.init.target = ""            # ... into this subtree of the new model (default: prefix)
 
     c.log_every = 25
     c.ckpt_every = 200
@@ -155,4 +158,71 @@ def specpt_redshift(sample: str, arg: str | None) -> ml_collections.ConfigDict:
         c.batch_size = 128
         c.optim.warmup_steps = 500   # the reference meant 500 warm-up steps (SPECS.md)
         c.num_steps = 20000
+    return c.lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# Universal spectral tokenizer (configs/tokenizer_*.py)
+# ----------------------------------------------------------------------------------------------
+# Length buckets for the multi-survey mixture: SDSS (~3800–4600 px) and GALAH-like (4 × 1024 px)
+# share the first, DESI (7781 px) and APOGEE (7514 px) the second. Multiples of the patch size.
+TOKENIZER_BUCKETS = (4608, 7808)
+
+
+def tokenizer_pretrain(arg: str | None) -> ml_collections.ConfigDict:
+    """Self-supervised pre-training of the tokenizer on a mixture of simulated SDSS, DESI,
+    GALAH and APOGEE spectra on their native grids, in shared batches (SPECS.md §3).
+
+    Variants: ``small`` (default; CPU), ``paper`` (37,880,352 parameters; accelerators, batch 64,
+    AdamW 1e-4 constant, weight decay 0.01 as the paper), ``tiny`` (tests).
+    """
+    a = parse_arg(arg, variant="small", steps=0)
+    c = base_config()
+    c.name = "tokenizer_pretrain"
+    c.task = "tokenizer_reconstruction"
+    c.model.name = "tokenizer"
+    c.model.variant = a.variant
+    c.data.simulator = "multisurvey"
+    c.data.n_train, c.data.n_val, c.data.n_test = 6000, 300, 1200
+    c.data.buckets = TOKENIZER_BUCKETS
+    c.optim.weight_decay = 0.01
+    if a.variant == "paper":
+        c.batch_size, c.num_steps = 64, 600_000
+        c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-4, "constant", 0
+    else:
+        # CPU: a short run needs a larger step size than the paper's 1e-4 to get anywhere.
+        c.batch_size, c.num_steps = 32, 500
+        c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-3, "cosine", 50
+    c.num_steps = a.steps or c.num_steps
+    c.ckpt_every = 250
+    return c.lock()
+
+
+def tokenizer_adapt(kind: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The adaptation head on the FROZEN pre-trained tokenizer (``runs/tokenizer_pretrain-<v>``;
+    train it first). ``kind``: "classify" (galaxy / QSO / star on simulated DESI spectra) or
+    "stellar" (Teff, log g, [Fe/H] from simulated APOGEE spectra)."""
+    a = parse_arg(arg, variant="small", steps=0)
+    c = base_config()
+    c.name = f"tokenizer_{kind}"
+    c.model.name = "tokenizer_adapted"
+    c.model.variant = a.variant
+    if kind == "classify":
+        c.task = "classification"
+        c.model.num_outputs = 3
+        c.data.simulator = "desi_classes"
+    elif kind == "stellar":
+        c.task = "regression"
+        c.task_kwargs.labels = ("teff", "logg", "feh")
+        c.model.num_outputs = 3
+        c.data.simulator = "apogee_stars"
+    else:
+        raise ValueError(f"unknown tokenizer adaptation {kind!r}")
+    c.data.n_train, c.data.n_val, c.data.n_test = 4000, 300, 1000
+    c.init.from_workdir = f"runs/tokenizer_pretrain-{a.variant}"
+    c.init.prefix = ""            # the whole pre-trained tokenizer ...
+    c.init.target = "tokenizer"   # ... becomes the frozen `tokenizer` of the adapted model
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-3, "cosine", 50
+    c.optim.weight_decay = 0.01
+    c.batch_size, c.num_steps = 32, (a.steps or 600)
     return c.lock()

@@ -67,8 +67,10 @@ class Predictor:
         if step is None:
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no complete checkpoint in "
                                     f"{ckpt.directory}")
-        state, _, _ = ckpt.restore(trainer.abstract_with_shardings())
+        state, _, meta = ckpt.restore(trainer.abstract_with_shardings())
         ckpt.close()
+        # The task's statistics and label columns as trained (label standardisation, ...).
+        trainer.task.load_state(meta.get("task_state"))
         return cls(trainer, {"params": state["params"], "other": state["other"]}, step)
 
     def __call__(self, batch: SpectrumBatch) -> dict[str, np.ndarray]:

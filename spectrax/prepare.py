@@ -79,6 +79,7 @@ def _publish(tmp: Path, final: Path) -> Path:
 # ==============================================================================================
 # The embedded simulator
 # ==============================================================================================
+SHUFFLE_BUFFER = 1024  # records held back to mix a simulated mixture's components on disk
 SIMULATORS = {"desi_bgs": ("bgs",), "desi_elg": ("elg",)}
 
 
@@ -91,11 +92,14 @@ def simulated_dir(data_cfg) -> Path:
 
 def simulate_to_shards(data_cfg, out: Path, *, chunk: int = 512) -> Path:
     """Simulates train/val/test splits with independent seeds into ``out``."""
-    from spectrax.data import synthetic
+    from spectrax.data import mixture, synthetic
 
+    if data_cfg.simulator in mixture.MIXTURES:
+        return simulate_mixture_to_shards(data_cfg, out)
     if data_cfg.simulator not in SIMULATORS:
         raise ValueError(f"config.data.simulator={data_cfg.simulator!r}; known: "
-                         f"{sorted(SIMULATORS)} (or set config.data.path to a shard directory)")
+                         f"{sorted(SIMULATORS) + sorted(mixture.MIXTURES)} (or set "
+                         "config.data.path to a shard directory)")
     (sample,) = SIMULATORS[data_cfg.simulator]
     tmp = _atomic_dir(out)
     splits, train_z = {}, []
@@ -124,6 +128,54 @@ def simulate_to_shards(data_cfg, out: Path, *, chunk: int = 512) -> Path:
         label_names=["z"], splits=splits, grid=DESI_GRID, stats={"labels": label_stats(z, ["z"])},
         report={"simulated": total}, source={"simulator": data_cfg.simulator, "sample": sample,
                                               "seed": data_cfg.sim_seed, "version": SIM_VERSION}))
+    return _publish(tmp, out)
+
+
+def simulate_mixture_to_shards(data_cfg, out: Path) -> Path:
+    """Simulates a multi-survey mixture (:mod:`spectrax.data.mixture`) into ``out``: records on
+    their native grids, label columns :data:`spectrax.data.mixture.LABELS`."""
+    from spectrax.data import mixture
+
+    tmp = _atomic_dir(out)
+    sizes = {"train": data_cfg.n_train, "val": data_cfg.n_val, "test": data_cfg.n_test}
+    splits, train_labels = {}, []
+    bar = tqdm(total=sum(sizes.values()), desc=f"simulating {data_cfg.simulator}", unit="spec")
+    for k, (split, n) in enumerate(sizes.items()):
+        if n <= 0:
+            continue
+        writer = shards.ShardWriter(tmp, split, max(1, n // 4096))
+        # Splits get disjoint seeds, so no spectrum is in two splits. Chunks of the components
+        # arrive interleaved and pass a shuffle buffer, so any run of records (an evaluation
+        # batch, the examples drawn in figures) mixes surveys and classes.
+        rng = np.random.default_rng([data_cfg.sim_seed, k])
+        buffer: list[dict] = []
+
+        def emit(rec):
+            rec["id"] = (k + 1) * 10**14 + rec["id"]
+            writer.write(rec)
+            if split == "train":
+                train_labels.append(rec["labels"])
+
+        for records in mixture.iter_mixture(data_cfg.simulator, n,
+                                            seed=data_cfg.sim_seed * 10 + k):
+            buffer.extend(records)
+            while len(buffer) > SHUFFLE_BUFFER:
+                emit(buffer.pop(int(rng.integers(len(buffer)))))
+            bar.update(len(records))
+        for j in rng.permutation(len(buffer)):
+            emit(buffer[j])
+        splits[split] = writer.close()
+    bar.close()
+    labels = np.stack(train_labels) if train_labels else np.zeros((0, len(mixture.LABELS)))
+    shards.write_manifest(tmp, shards.Manifest(
+        label_names=list(mixture.LABELS), splits=splits, grid=None,
+        stats={"labels": label_stats(labels, mixture.LABELS)},
+        report={"simulated": sum(sizes.values()),
+                "components": {f"{c.survey}/{c.cls}": n for c, n in zip(
+                    mixture.mixture(data_cfg.simulator),
+                    mixture.component_counts(data_cfg.simulator, data_cfg.n_train))}},
+        source={"simulator": data_cfg.simulator, "seed": data_cfg.sim_seed,
+                "version": SIM_VERSION}))
     return _publish(tmp, out)
 
 

@@ -29,6 +29,9 @@ PAD_WAVELENGTH = -1.0
 # Class label ids shared by every classifier (alphabetical, as in the reference codes).
 CLASS_NAMES = ("GALAXY", "QSO", "STAR")
 CLASS_IDS = {name: i for i, name in enumerate(CLASS_NAMES)}
+# Survey ids of the ``survey`` label column of multi-survey shards.
+SURVEY_NAMES = ("sdss", "desi", "galah", "apogee", "lamost")
+SURVEY_IDS = {name: i for i, name in enumerate(SURVEY_NAMES)}
 
 
 class SpectrumError(ValueError):

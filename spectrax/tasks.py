@@ -11,7 +11,15 @@ The training loop knows only this interface:
 - ``figures(outputs, batch_examples, workdir) -> list[path]``;
 - ``catalogue(outputs) -> dict[column, array]`` for the FITS catalogue of ``spectrax.predict``.
 
-Models are called as ``model(flux, mask, wavelength, train=bool)`` on median-normalised flux.
+Optional hooks (defaults below in :class:`Task`): ``bind_labels(available)`` lets a task use
+labels only when the shards have them (e.g. the survey of each spectrum); ``fit_state(stats)``
+takes what the task needs from the train split's statistics (label standardisation), and
+``state()`` / ``load_state()`` carry it through checkpoints, so fine-tunes and inference reuse the
+statistics the model was trained with.
+
+Models are called as ``model(flux, mask, wavelength, train=bool)`` on median-normalised flux,
+except models with ``takes_raw_spectra = True`` (the tokenizer family), which normalise inside
+and are called as ``model(flux, mask, wavelength, ivar=ivar, train=bool)`` on raw flux.
 """
 from __future__ import annotations
 
@@ -24,7 +32,33 @@ import numpy as np
 
 from spectrax import metrics as M
 from spectrax.data.preprocess import median_normalise
-from spectrax.spectra import SpectrumBatch
+from spectrax.spectra import CLASS_NAMES, SURVEY_NAMES, SpectrumBatch
+
+
+class Task:
+    """Defaults of the optional hooks (see the module docstring)."""
+
+    label_names: tuple[str, ...] = ()
+
+    def bind_labels(self, available) -> None:
+        """Called with the shards' label names before training or prediction."""
+
+    def fit_state(self, label_stats: dict) -> None:
+        """Called with the train split's per-label statistics (``manifest.stats['labels']``)."""
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict | None) -> None:
+        """Restores what :meth:`state` returned (from a checkpoint's metadata)."""
+
+
+def forward(model, batch: SpectrumBatch, *, train: bool):
+    """Calls ``model`` on ``batch`` with the inputs its family expects (module docstring)."""
+    if getattr(model, "takes_raw_spectra", False):
+        return model(batch.flux, batch.mask, batch.wavelength, ivar=batch.ivar, train=train)
+    flux_n, _, _, _ = median_normalise(batch.flux, batch.ivar, batch.mask)
+    return model(flux_n, batch.mask, batch.wavelength, train=train)
 
 
 def _model_inputs(batch: SpectrumBatch):
@@ -33,7 +67,7 @@ def _model_inputs(batch: SpectrumBatch):
     return flux_n, ivar_n, scale, fallback
 
 
-class ReconstructionTask:
+class ReconstructionTask(Task):
     """Autoencoding: reproduce the normalised flux at every valid pixel.
 
     ``loss_type``: ``"l1"`` (mean |Δ| over valid pixels, the reference's L1-type loss) or
@@ -83,16 +117,18 @@ class ReconstructionTask:
                 "median_fallback_frac": float(np.mean(out["median_fallback"][v])),
                 "n": int(v.sum())}
 
-    def figures(self, out, examples: SpectrumBatch, workdir: Path, n: int) -> list[Path]:
+    def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
         from spectrax import plots
-        return [plots.reconstructions(examples, out["reconstruction"], workdir / "reconstructions.png", n)]
+        batch, pred = examples[0]
+        return [plots.reconstructions(batch, pred["reconstruction"],
+                                      workdir / "reconstructions.png", n)]
 
     def catalogue(self, out) -> dict[str, np.ndarray]:
         return {"RECON_L1": out["recon_l1"], "RECON_CHI2": out["recon_chi2_per_pixel"],
                 "NORM_SCALE": out["norm_scale"]}
 
 
-class RedshiftTask:
+class RedshiftTask(Task):
     """Redshift regression with the SpecPT NMAD loss.
 
     loss = mean(|z_pred − z_true|) / norm over labelled valid rows, with norm = std(z_true) of
@@ -151,7 +187,240 @@ class RedshiftTask:
         return {"Z_PRED": out["z_pred"]}
 
 
-TASKS = {"reconstruction": ReconstructionTask, "redshift": RedshiftTask}
+def _valid_rows(out) -> np.ndarray:
+    return np.asarray(out["valid"], bool)
+
+
+class TokenizerReconstructionTask(Task):
+    """The tokenizer's self-supervised objective: Gaussian NLL of the reconstruction over valid
+    pixels, L = (1/N_valid) Σ m (y − ŷ)² / σ² in median-normalised units (SPECS.md §3).
+
+    Uses the ``survey`` label column when the shards have one, to report the loss per survey
+    and draw reconstructions per survey. ``batch_mean``: "pixels" (the paper's 1/N_valid over the
+    whole batch) — the only option, kept explicit for the record.
+    """
+
+    SURVEY = "survey"
+
+    def __init__(self):
+        self.label_names: tuple[str, ...] = ()
+
+    def bind_labels(self, available) -> None:
+        self.label_names = (self.SURVEY,) if self.SURVEY in available else ()
+
+    def state(self) -> dict:
+        return {"label_names": list(self.label_names)}
+
+    def load_state(self, state) -> None:
+        if state and "label_names" in state:
+            self.label_names = tuple(state["label_names"])
+
+    def _output(self, model, batch, train):
+        out = model(batch.flux, batch.mask, batch.wavelength, ivar=batch.ivar, train=train)
+        return out, out.pixel_mask & batch.valid[:, None]
+
+    def loss(self, model, batch: SpectrumBatch, *, train: bool):
+        from spectrax.models.tokenizer import gaussian_nll
+        out, w = self._output(model, batch, train)
+        loss = gaussian_nll(out.reconstruction, out.flux, out.sigma, w)
+        return loss, {"valid_pixel_frac": w.sum() / jnp.maximum(
+            (batch.wavelength > 0).sum(), 1), "valid_token_frac": out.token_mask.mean()}
+
+    def predict(self, model, batch: SpectrumBatch) -> dict[str, Any]:
+        out, w = self._output(model, batch, False)
+        wf = w.astype(jnp.float32)
+        r2 = jnp.where(w, (out.reconstruction - out.flux) ** 2 / jnp.where(
+            w, out.sigma, 1.0) ** 2, 0.0)
+        n = wf.sum(-1)
+        return {"nll_per_pixel": r2.sum(-1) / jnp.maximum(n, 1.0), "valid_pixels": n,
+                "norm_scale": out.scale,
+                "reconstruction": out.reconstruction * out.scale[:, None]}
+
+    def _surveys(self, out) -> np.ndarray | None:
+        if self.SURVEY not in self.label_names:
+            return None
+        j = self.label_names.index(self.SURVEY)
+        return np.where(out["label_mask"][:, j], out["labels"][:, j], -1).astype(int)
+
+    def metrics(self, out) -> dict[str, float]:
+        v = _valid_rows(out) & (out["valid_pixels"] > 0)
+        # Pixel-weighted, as the loss: Σ (y − ŷ)²/σ² / Σ N_valid.
+        def pooled(sel):
+            return float(np.sum(out["nll_per_pixel"][sel] * out["valid_pixels"][sel])
+                         / max(np.sum(out["valid_pixels"][sel]), 1))
+        res = {"nll_per_pixel": pooled(v), "nll_per_pixel_median": float(
+            np.median(out["nll_per_pixel"][v])) if v.any() else float("nan"), "n": int(v.sum())}
+        surveys = self._surveys(out)
+        if surveys is not None:
+            for k, name in enumerate(SURVEY_NAMES):
+                sel = v & (surveys == k)
+                if sel.any():
+                    res[f"nll_per_pixel_{name}"] = pooled(sel)
+                    res[f"n_{name}"] = int(sel.sum())
+        return res
+
+    def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
+        from spectrax import plots
+        paths, j = [], (self.label_names.index(self.SURVEY) if self.label_names else None)
+        groups: dict[str, list] = {}
+        for batch, pred in examples:
+            for i in np.flatnonzero(np.asarray(batch.valid)):
+                name = "all"
+                if j is not None and batch.label_mask[i, j]:
+                    name = SURVEY_NAMES[int(batch.labels[i, j])]
+                groups.setdefault(name, []).append((batch, pred, i))
+        for name, rows in groups.items():
+            rows = rows[:n]
+            paths.append(plots.reconstruction_rows(
+                rows, workdir / f"reconstructions_{name}.png", title=f"{name}: Gaussian-NLL "
+                "reconstruction (normalised units × scale)"))
+        return paths
+
+    def catalogue(self, out) -> dict[str, np.ndarray]:
+        return {"NLL_PER_PIXEL": out["nll_per_pixel"], "NORM_SCALE": out["norm_scale"]}
+
+
+class ClassificationTask(Task):
+    """Classes GALAXY=0, QSO=1, STAR=2 (:data:`spectrax.spectra.CLASS_IDS`) from the ``class``
+    label column; cross-entropy over labelled valid rows. The model returns logits [B, C]."""
+
+    def __init__(self, label: str = "class", class_names: tuple[str, ...] = CLASS_NAMES):
+        self.label_names = (label,)
+        self.class_names = tuple(class_names)
+
+    def _target(self, batch):
+        w = (batch.label_mask[:, 0] & batch.valid)
+        y = jnp.clip(batch.labels[:, 0].astype(jnp.int32), 0, len(self.class_names) - 1)
+        return y, w
+
+    def loss(self, model, batch, *, train: bool):
+        logits = forward(model, batch, train=train).astype(jnp.float32)
+        y, w = self._target(batch)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
+        wf = w.astype(jnp.float32)
+        n = jnp.maximum(wf.sum(), 1.0)
+        acc = jnp.sum((jnp.argmax(logits, -1) == y) * wf) / n
+        return jnp.sum(ce * wf) / n, {"accuracy": acc}
+
+    def predict(self, model, batch) -> dict[str, Any]:
+        logits = forward(model, batch, train=False).astype(jnp.float32)
+        return {"class_pred": jnp.argmax(logits, -1), "class_prob": jax.nn.softmax(logits)}
+
+    def _selected(self, out):
+        v = _valid_rows(out) & out["label_mask"][:, 0]
+        return out["labels"][v, 0].astype(int), out["class_pred"][v].astype(int)
+
+    def metrics(self, out) -> dict[str, Any]:
+        y, yp = self._selected(out)
+        c = len(self.class_names)
+        if not len(y):
+            return {"n": 0}
+        recall = M.per_class_recall(y, yp, c)
+        res = {"accuracy": M.accuracy(y, yp), "macro_f1": M.macro_f1(y, yp, c), "n": len(y),
+               "confusion_matrix": M.confusion_matrix(y, yp, c).tolist()}
+        for k, name in enumerate(self.class_names):
+            res[f"recall_{name}"] = float(recall[k])
+        return res
+
+    def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
+        from spectrax import plots
+        y, yp = self._selected(out)
+        if not len(y):
+            return []
+        cm = M.confusion_matrix(y, yp, len(self.class_names))
+        return [plots.confusion(cm, self.class_names, workdir / "confusion_matrix.png")]
+
+    def catalogue(self, out) -> dict[str, np.ndarray]:
+        names = np.array(self.class_names)
+        return {"CLASS_PRED": names[out["class_pred"].astype(int)],
+                **{f"PROB_{c}": out["class_prob"][:, k] for k, c in enumerate(self.class_names)}}
+
+
+class RegressionTask(Task):
+    """Regression of K labels (e.g. ``("teff", "logg", "feh")`` or ``("z",)``), standardised by
+    the TRAIN split's mean and std (not divided by a maximum, which breaks for negative [Fe/H]):
+    loss = mean over known (row, label) of (ŷ − y)² in standardised units. The statistics are
+    part of the task's checkpointed state. The model returns [B, K] standardised values.
+
+    Metrics per label: scaled MAD, RMSE, bias, R² and Gaussian CRPS with the global residual σ
+    (SPECS.md §2); NMAD / outlier fraction for a label named ``z``.
+    """
+
+    def __init__(self, labels: tuple[str, ...] = ("teff", "logg", "feh")):
+        self.label_names = tuple(labels)
+        self.mean = None
+        self.std = None
+
+    def fit_state(self, label_stats: dict) -> None:
+        missing = [n for n in self.label_names if n not in label_stats]
+        if missing:
+            raise ValueError(f"the train split has no statistics for labels {missing}; "
+                             "re-prepare the shards (spectrax.prepare writes them)")
+        self.mean = [float(label_stats[n]["mean"]) for n in self.label_names]
+        self.std = [max(float(label_stats[n]["std"]), 1e-12) for n in self.label_names]
+
+    def state(self) -> dict:
+        return {"label_names": list(self.label_names), "mean": self.mean, "std": self.std}
+
+    def load_state(self, state) -> None:
+        if state and state.get("mean") is not None:
+            if tuple(state["label_names"]) != self.label_names:
+                raise ValueError(f"checkpoint was trained on labels {state['label_names']}, "
+                                 f"the config asks for {list(self.label_names)}")
+            self.mean, self.std = state["mean"], state["std"]
+
+    def _stats(self):
+        if self.mean is None:
+            raise RuntimeError("RegressionTask used before fit_state/load_state gave it label "
+                               "statistics")
+        return jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32)
+
+    def loss(self, model, batch, *, train: bool):
+        mean, std = self._stats()
+        pred = forward(model, batch, train=train).astype(jnp.float32).reshape(
+            batch.labels.shape[0], -1)
+        w = (batch.label_mask & batch.valid[:, None]).astype(jnp.float32)
+        target = (batch.labels - mean) / std
+        n = jnp.maximum(w.sum(), 1.0)
+        mse = jnp.sum((pred - target) ** 2 * w) / n
+        return mse, {"mae_std_units": jnp.sum(jnp.abs(pred - target) * w) / n}
+
+    def predict(self, model, batch) -> dict[str, Any]:
+        mean, std = self._stats()
+        pred = forward(model, batch, train=False).astype(jnp.float32).reshape(
+            batch.labels.shape[0], -1)
+        return {"pred": pred * std + mean}
+
+    def metrics(self, out) -> dict[str, float]:
+        res: dict[str, float] = {}
+        for k, name in enumerate(self.label_names):
+            v = _valid_rows(out) & out["label_mask"][:, k]
+            if not v.any():
+                continue
+            y, yp = out["labels"][v, k].astype(np.float64), out["pred"][v, k].astype(np.float64)
+            sigma = max(float(np.std(y - yp)), 1e-12)
+            res.update({f"{name}_scaled_mad": M.scaled_mad(y, yp), f"{name}_rmse": M.rmse(y, yp),
+                        f"{name}_bias": float(np.mean(yp - y)), f"{name}_r2": M.r2(y, yp),
+                        f"{name}_crps": M.crps_gaussian(y, yp, np.full_like(y, sigma)),
+                        f"n_{name}": int(v.sum())})
+            if name == "z":
+                res.update({f"z_{k2}": v2 for k2, v2 in M.redshift_metrics(y, yp).items()})
+        return res
+
+    def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
+        from spectrax import plots
+        v = _valid_rows(out)[:, None] & out["label_mask"]
+        return [plots.label_scatter(out["labels"], out["pred"], v, self.label_names,
+                                    workdir / "labels_pred_vs_true.png")]
+
+    def catalogue(self, out) -> dict[str, np.ndarray]:
+        return {f"{name.upper()}_PRED": out["pred"][:, k]
+                for k, name in enumerate(self.label_names)}
+
+
+TASKS = {"reconstruction": ReconstructionTask, "redshift": RedshiftTask,
+         "tokenizer_reconstruction": TokenizerReconstructionTask,
+         "classification": ClassificationTask, "regression": RegressionTask}
 
 
 def get_task(name: str, **kwargs):

@@ -400,34 +400,72 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     length = config.data.length or None
 
     trainer = Trainer(config, mesh, config.num_steps)
+    trainer.task.bind_labels(manifest.label_names)
     idx = label_indices(manifest, trainer.task)
-    registry.check_input_length(config.model, pipeline.pixel_length(manifest, length))
+    buckets = tuple(config.data.buckets)
+    registry.check_input_length(config.model, max(buckets) if buckets
+                                else pipeline.pixel_length(manifest, length))
 
     # -- state: resume, or initialise (optionally from another run) ----------------------
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    data_iter = pipeline.train_iterator(
-        data_dir, batch_size=local_batch, seed=config.seed, length=length,
-        num_threads=config.data.num_threads)
+    if buckets:
+        plan = pipeline.bucket_plan(shards.record_lengths(data_dir, "train"), buckets,
+                                    where=f"{data_dir} split 'train'")
+        if is_main:
+            print(f"length buckets: {json.dumps(plan.summary())}", flush=True)
+        data_iter = pipeline.bucketed_train_iterator(
+            data_dir, batch_size=local_batch, seed=config.seed, buckets=buckets,
+            num_threads=config.data.num_threads)
+    else:
+        plan = None
+        data_iter = pipeline.train_iterator(
+            data_dir, batch_size=local_batch, seed=config.seed, length=length,
+            num_threads=config.data.num_threads)
     if ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(trainer.abstract_with_shardings())
+        state, data_state, old_meta = ckpt.restore(trainer.abstract_with_shardings())
         data_iter.set_state(data_state)
+        trainer.task.load_state(old_meta.get("task_state"))
         if is_main:
             print(f"resumed from step {int(state['step'])} ({ckpt.directory})", flush=True)
     else:
         state = trainer.init_state()
+        pretrained_task_state = None
         if config.init.from_workdir:
-            state = load_pretrained(state, trainer, config.init.from_workdir, config.init.prefix)
+            state, pretrained_task_state = load_pretrained(
+                state, trainer, config.init.from_workdir, config.init.prefix,
+                target=config.init.target or None)
+        # Fine-tunes reuse the statistics their base model was trained with (SpectraFM,
+        # label standardisation); a fresh model takes them from this train split.
+        trainer.task.fit_state(manifest.stats.get("labels", {}))
+        trainer.task.load_state(pretrained_task_state)
     start = int(state["step"])
 
     def next_global():
         host = next(data_iter)
         return host, pipeline.to_global(_select_labels(host, idx), trainer.batch_sharding)
 
+    t_start, steps_timed = None, 0
+    compiled: dict[tuple, Any] = {}
+    compile_total = compile_in_loop = 0.0  # the latter: inside the timed region (new buckets)
+
+    def step_for(batch):
+        """The train step compiled for this batch's shape (one per length bucket)."""
+        nonlocal compile_total, compile_in_loop
+        key = tuple(batch.flux.shape)
+        if key not in compiled:
+            fn, seconds, mem = trainer.compile(batch)
+            compile_total += seconds
+            if t_start is not None:
+                compile_in_loop += seconds
+            if is_main:
+                print(f"compiled train step for batches of {key} in {seconds:.1f} s; {mem}",
+                      flush=True)
+            check_memory(fn, config)  # before any step: fail in seconds, not at the first OOM
+            compiled[key] = fn
+        return compiled[key]
+
     host_batch, batch = next_global()
-    step_fn, compile_s, mem = trainer.compile(batch)
-    if is_main:
-        print(f"compiled train step in {compile_s:.1f} s; {mem}", flush=True)
-    check_memory(step_fn, config)  # before any step: fail in seconds, not at the first OOM
+    step_for(batch)
 
     # -- loop -----------------------------------------------------------------------------
     logger = MetricLogger(workdir, enabled=is_main)
@@ -435,15 +473,15 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     recent_ids = collections.deque(maxlen=max(config.log_every, 1))
     pending: list[dict] = []
     meta = {"config": config.name, "task": config.task, "model": config.model.to_dict(),
-            "data_dir": str(data_dir), "label_names": list(trainer.task.label_names)}
+            "data_dir": str(data_dir), "label_names": list(trainer.task.label_names),
+            "task_state": trainer.task.state()}
     bar = tqdm(total=config.num_steps, initial=start, desc=config.name, disable=not is_main,
                dynamic_ncols=True, mininterval=1.0)
-    t_start, steps_timed = None, 0
     for step in range(start, config.num_steps):
         if step > start:
             host_batch, batch = next_global()
         recent_ids.append((step, host_batch.ids[host_batch.valid]))
-        state, logs = step_fn(state, batch)
+        state, logs = step_for(batch)(state, batch)
         pending.append(logs)
         bar.update(1)
         done = step + 1
@@ -465,7 +503,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             row["step"] = done
             if steps_timed:
                 row["train_spectra_per_s"] = steps_timed * config.batch_size / (
-                    time.perf_counter() - t_start)
+                    time.perf_counter() - t_start - compile_in_loop)
             logger.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
@@ -484,7 +522,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             sys.exit(0)
     bar.close()
     jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - t_start if t_start else 0.0
+    train_seconds = time.perf_counter() - t_start - compile_in_loop if t_start else 0.0
     ckpt.wait()
     if preempt.requested:  # arrived after the last step: its checkpoint is saved; skip eval
         print(f"SIGTERM: checkpoint at step {config.num_steps} is saved; exiting before the "
@@ -502,8 +540,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
               "train_spectra_per_s": (steps_timed * config.batch_size / train_seconds
                                       if steps_timed else None),
               "eval_spectra_per_s": ev["metrics"].get("n", 0) / max(eval_seconds, 1e-9),
-              "compile_seconds": compile_s, "devices": n_dev, "processes": n_proc,
-              "platform": jax.devices()[0].platform, "workdir": str(workdir)}
+              "compile_seconds": compile_total, "devices": n_dev, "processes": n_proc,
+              "platform": jax.devices()[0].platform, "workdir": str(workdir),
+              **({"bucketing": plan.summary()} if plan is not None else {})}
     if is_main:
         (workdir / "metrics.json").write_text(json.dumps(result, indent=2))
         figs = trainer.task.figures(ev["outputs"], ev["examples"], workdir, config.num_figures)
@@ -530,7 +569,12 @@ def _check_finite(state, config, recent_ids) -> None:
 
 
 def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
-    """Runs the task's predictions over every spectrum of ``split``; returns metrics etc."""
+    """Runs the task's predictions over every spectrum of ``split``; returns metrics etc.
+
+    ``outputs`` concatenates per-spectrum predictions over all batches (per-pixel arrays of
+    different bucket lengths cannot be concatenated and are left out); ``examples`` holds
+    (host batch, predictions) of the first batch of each distinct pixel length, for figures.
+    """
     from jax.experimental import multihost_utils
 
     from spectrax.data import pipeline
@@ -539,36 +583,44 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
     if bs % jax.device_count():
         bs = jax.device_count() * max(1, bs // jax.device_count())
     step = trainer.jitted_eval_step
-    outs, losses, examples = [], [], None
+    outs, losses, examples = [], [], []
     pi, local = jax.process_index(), bs // jax.process_count()
-    n_batches = pipeline.num_eval_batches(data_dir, split, bs)
-    for host in tqdm(pipeline.eval_batches(data_dir, split, batch_size=bs,
-                                         length=config.data.length or None),
-                     total=n_batches, desc=f"eval {split}", leave=False,
+    buckets = tuple(config.data.buckets)
+    if buckets:
+        n_batches = pipeline.num_bucketed_eval_batches(data_dir, split, bs, buckets)
+        batches = pipeline.bucketed_eval_batches(data_dir, split, batch_size=bs, buckets=buckets)
+    else:
+        n_batches = pipeline.num_eval_batches(data_dir, split, bs)
+        batches = pipeline.eval_batches(data_dir, split, batch_size=bs,
+                                        length=config.data.length or None)
+    for host in tqdm(batches, total=n_batches, desc=f"eval {split}", leave=False,
                      disable=jax.process_index() != 0):
         host = _select_labels(host, idx)
-        if examples is None:
-            examples = host
         mine = jax.tree.map(lambda x: x[pi * local:(pi + 1) * local], host.for_device())
         pred, loss = step(state, pipeline.to_global(mine, trainer.batch_sharding))
-        pred = multihost_utils.process_allgather(pred, tiled=True)
-        outs.append({**jax.tree.map(np.asarray, pred), "labels": host.labels,
-                     "label_mask": host.label_mask, "valid": host.valid, "ids": host.ids})
+        pred = jax.tree.map(np.asarray, multihost_utils.process_allgather(pred, tiled=True))
+        if host.num_pixels not in {b.num_pixels for b, _ in examples}:
+            examples.append((host, pred))
+        outs.append({**pred, "labels": host.labels, "label_mask": host.label_mask,
+                     "valid": host.valid, "ids": host.ids})
         losses.append((float(loss), int(host.valid.sum())))
-    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]
+           if len({o[k].shape[1:] for o in outs}) == 1}
     total = sum(n for _, n in losses)
     loss = sum(l * n for l, n in losses) / max(total, 1)
     metrics = trainer.task.metrics(cat)
-    first = {k: v[:examples.batch_size] for k, v in cat.items()}
-    return {"loss": loss, "metrics": metrics, "outputs": {**cat, **{
-        k: first[k] for k in ("reconstruction",) if k in first}}, "examples": examples}
+    return {"loss": loss, "metrics": metrics, "outputs": cat, "examples": examples}
 
 
-def load_pretrained(state, trainer, from_workdir: str, prefix: str):
+def load_pretrained(state, trainer, from_workdir: str, prefix: str, target: str | None = None):
     """Copies the subtree ``prefix`` of another run's latest parameters (and BatchNorm
-    statistics) into ``state``. Shapes must agree; mismatches are listed in the error."""
+    statistics) into ``state``, at ``target`` (default: the same path; "" = the whole tree).
+    Shapes must agree; mismatches are listed in the error.
+
+    Returns (state, that run's task state or None): fine-tunes reuse its statistics."""
     from spectrax import checkpoint
 
+    target = prefix if target is None else target
     src = checkpoint.Checkpointer(from_workdir)
     if src.latest_step() is None:
         raise FileNotFoundError(
@@ -582,7 +634,7 @@ def load_pretrained(state, trainer, from_workdir: str, prefix: str):
         src_tree = _strip_value(raw[part])
         try:
             src_sub = checkpoint.subtree(src_tree, prefix)
-            dst_sub = checkpoint.subtree(pure, prefix)
+            dst_sub = checkpoint.subtree(pure, target)
         except KeyError as e:
             if part == "other":  # no BatchNorm statistics under the prefix
                 continue
@@ -591,14 +643,18 @@ def load_pretrained(state, trainer, from_workdir: str, prefix: str):
         if have != want:
             diff = sorted(set(have.items()) ^ set(want.items()))
             raise checkpoint.CheckpointMismatchError(
-                f"{from_workdir}: '{prefix}' does not match this model (was trained as "
+                f"{from_workdir}: '{prefix}' does not match '{target}' of this model (was trained as "
                 f"{meta.get('model')}): " + "; ".join(f"{k} {v}" for k, v in diff[:20]))
-        _assign(pure, prefix, src_sub)
+        _assign(pure, target, src_sub)
         st = state[part]
         nnx.replace_by_pure_dict(st, pure)
         new[part] = jax.device_put(st, trainer.state_shardings[part])
-    print(f"initialised '{prefix}' from {from_workdir} (step {src.latest_step()})", flush=True)
-    return new
+    print(f"initialised '{target or 'everything'}' from '{prefix}' of {from_workdir} "
+          f"(step {src.latest_step()})", flush=True)
+    task_state = meta.get("task_state")
+    if task_state and meta.get("task") != trainer.config.task:
+        task_state = None  # another task's statistics mean nothing here
+    return new, task_state
 
 
 def _strip_value(tree):
@@ -611,6 +667,10 @@ def _strip_value(tree):
 
 def _assign(tree: dict, prefix: str, value) -> None:
     parts = [p for p in prefix.split("/") if p]
+    if not parts:  # the whole tree
+        tree.clear()
+        tree.update(value)
+        return
     for p in parts[:-1]:
         tree = tree[p]
     tree[parts[-1]] = value

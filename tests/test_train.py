@@ -76,7 +76,7 @@ def test_pretrained_encoder_is_copied_exactly(tmp_path):
     train.train(tiny_config(tmp_path, steps=2), ae_dir)
     zc = tiny_config(tmp_path, stage="redshift")
     trainer = train.Trainer(zc, make_mesh(), zc.num_steps)
-    state = train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
+    state, _ = train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
     src = _params(ae_dir)["encoder"]
     got = jax.tree.map(np.asarray, train.nnx.to_pure_dict(state["params"]))["encoder"]
     flat_src = jax.tree_util.tree_leaves(train._strip_value(src))

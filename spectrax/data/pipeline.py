@@ -8,9 +8,17 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 Evaluation stream: every record of a split exactly once, in file order, the last batch padded
 with invalid rows (``SpectrumBatch.valid`` False) so that no spectrum is dropped and shapes stay
 static for jit.
+
+Variable-length data (spectra on their native grids: SDSS ~4000 px next to APOGEE's 7514) is
+BUCKETED here, not in the model: with ``buckets=(L1, L2, ...)`` every spectrum goes to the
+smallest bucket length that holds it, each batch is drawn from one bucket and padded to its
+length (padding pixels: masked, λ = −1). Spectra of different surveys share a batch whenever
+they share a bucket (one bucket = everything mixed, most padding). The model compiles once per
+bucket length. :func:`bucket_plan` reports the padding waste of a policy.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Iterator, Sequence
@@ -91,6 +99,168 @@ def train_iterator(directory: str, *, batch_size: int, seed: int, split: str = "
           .batch(batch_size, drop_remainder=True, batch_fn=stack))
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
     return iter(ds.to_iter_dataset(options))
+
+
+# --------------------------------------------------------------------------------------------
+# Length buckets (variable-length spectra)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """Which bucket every record of a split belongs to, and what that costs in padding.
+
+    Attributes:
+      buckets: bucket lengths in pixels, increasing.
+      assignment: [N] int, bucket index of each record (read order).
+      lengths: [N] int, pixels of each record.
+      padding_waste: fraction of the pixels of padded batches that are padding, under this
+        policy; ``padding_waste_single`` is the same for one bucket at the longest length.
+    """
+
+    buckets: tuple[int, ...]
+    assignment: np.ndarray
+    lengths: np.ndarray
+    padding_waste: float
+    padding_waste_single: float
+
+    def summary(self) -> dict[str, Any]:
+        counts = np.bincount(self.assignment, minlength=len(self.buckets))
+        return {"buckets": list(self.buckets), "spectra_per_bucket": counts.tolist(),
+                "padding_waste": self.padding_waste,
+                "padding_waste_single_bucket": self.padding_waste_single}
+
+
+def bucket_plan(lengths: np.ndarray, buckets: Sequence[int], where: str = "data") -> BucketPlan:
+    """Assigns records of ``lengths`` pixels to the smallest bucket length that holds them.
+
+    Raises:
+      SpectrumError: a record is longer than the largest bucket (named by its read index), or
+        buckets are not positive.
+    """
+    buckets = tuple(sorted(int(b) for b in buckets))
+    lengths = np.asarray(lengths, np.int64)
+    if not buckets or buckets[0] <= 0:
+        raise SpectrumError(f"bucket lengths must be positive, got {buckets}")
+    too_long = np.flatnonzero(lengths > buckets[-1])
+    if too_long.size:
+        raise SpectrumError(
+            f"{where}: {too_long.size} spectra are longer than the largest bucket "
+            f"({buckets[-1]} px), e.g. record {int(too_long[0])} with "
+            f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets")
+    assignment = np.searchsorted(np.asarray(buckets), lengths, side="left")
+    padded = np.asarray(buckets)[assignment]
+    total = float(lengths.sum())
+    waste = 1.0 - total / max(float(padded.sum()), 1.0)
+    single = 1.0 - total / max(float(buckets[-1] * len(lengths)), 1.0)
+    return BucketPlan(buckets, assignment, lengths, waste, single)
+
+
+class _BucketSchedule:
+    """Global batch i -> record indices, for an endless shuffled stream of one-bucket batches.
+
+    Epoch e permutes each bucket's records with ``default_rng([seed, e])``, cuts them into
+    batches of ``global_batch`` (each bucket's remainder waits for a later epoch's permutation),
+    and shuffles the batch order, so buckets interleave. Deterministic in (seed, i): the Grain
+    iterator state (a position) is all a checkpoint needs.
+    """
+
+    def __init__(self, plan: BucketPlan, global_batch: int, seed: int):
+        self.members = [np.flatnonzero(plan.assignment == b) for b in range(len(plan.buckets))]
+        self.global_batch = global_batch
+        self.seed = seed
+        self.per_epoch = sum(len(m) // global_batch for m in self.members)
+        if self.per_epoch == 0:
+            raise SpectrumError(
+                f"no length bucket holds one global batch ({global_batch} spectra; bucket sizes "
+                f"{[len(m) for m in self.members]}); lower config.batch_size or merge buckets")
+        self._cache: dict[int, list[tuple[int, np.ndarray]]] = {}
+
+    def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
+        cached = self._cache.get(e)  # reader threads share this; never read it twice
+        if cached is None:
+            rng = np.random.default_rng([self.seed, e])
+            batches = []
+            for b, m in enumerate(self.members):
+                perm = rng.permutation(m)
+                for k in range(len(m) // self.global_batch):
+                    batches.append((b, perm[k * self.global_batch:(k + 1) * self.global_batch]))
+            order = rng.permutation(len(batches))
+            cached = [batches[j] for j in order]
+            self._cache = {e: cached}  # keep one epoch in memory
+        return cached
+
+    def __call__(self, i: int) -> tuple[int, np.ndarray]:
+        return self.epoch(i // self.per_epoch)[i % self.per_epoch]
+
+
+class _ReadBucketBatch:
+    """Global batch index -> this process's rows of it, decoded and stacked at bucket length."""
+
+    def __init__(self, source, schedule: _BucketSchedule, plan: BucketPlan, *,
+                 process_index: int, process_count: int, num_labels: int,
+                 grid: np.ndarray | None, where: str):
+        self.source, self.schedule, self.plan = source, schedule, plan
+        self.pi, self.pc = process_index, process_count
+        self.num_labels, self.grid, self.where = num_labels, grid, where
+
+    def __call__(self, i: int) -> SpectrumBatch:
+        bucket, rows = self.schedule(int(i))
+        local = len(rows) // self.pc
+        mine = rows[self.pi * local:(self.pi + 1) * local]
+        records = [shards.decode_record(self.source[int(k)], where=f"{self.where} record {k}")
+                   for k in mine]
+        return stack_records(records, num_labels=self.num_labels, grid=self.grid,
+                             length=self.plan.buckets[bucket])
+
+
+def bucketed_train_iterator(directory: str, *, batch_size: int, seed: int, buckets: Sequence[int],
+                            split: str = "train", num_threads: int = 2,
+                            process_index: int | None = None,
+                            process_count: int | None = None) -> grain.DatasetIterator:
+    """Like :func:`train_iterator`, but every batch holds spectra of one length bucket, padded
+    to that bucket's length (module docstring). ``batch_size`` is per process; all processes
+    see the same bucket at the same step (their rows are disjoint slices of one global batch).
+    Its padding waste: :func:`bucket_plan` of :func:`spectrax.data.shards.record_lengths`.
+    """
+    manifest = shards.read_manifest(directory)
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
+                       where=f"{directory} split '{split}'")
+    schedule = _BucketSchedule(plan, batch_size * pc, seed)
+    paths = shards.split_paths(directory, split)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    read = _ReadBucketBatch(source, schedule, plan, process_index=pi, process_count=pc,
+                            num_labels=len(manifest.label_names), grid=manifest.grid_array(),
+                            where=paths[0] if len(paths) == 1 else f"{directory} '{split}'")
+    # An index space far beyond any run (2**40 batches); MapDataset.range is lazy.
+    ds = grain.MapDataset.range(2**40).map(read)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
+    return iter(ds.to_iter_dataset(options))
+
+
+def bucketed_eval_batches(directory: str, split: str, *, batch_size: int, buckets: Sequence[int]
+                          ) -> Iterator[SpectrumBatch]:
+    """Every spectrum of ``split`` once, bucket by bucket (read order within a bucket); each
+    bucket's last batch padded with invalid rows."""
+    manifest = shards.read_manifest(directory)
+    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
+                       where=f"{directory} split '{split}'")
+    paths = shards.split_paths(directory, split)
+    source = grain.sources.ArrayRecordDataSource(paths)
+    for b, length in enumerate(plan.buckets):
+        members = np.flatnonzero(plan.assignment == b)
+        for start in range(0, len(members), batch_size):
+            records = [shards.decode_record(source[int(k)], where=f"{paths[0]} record {k}")
+                       for k in members[start:start + batch_size]]
+            yield _stack(records, num_labels=len(manifest.label_names),
+                         grid=manifest.grid_array(), length=length, batch_size=batch_size)
+
+
+def num_bucketed_eval_batches(directory: str, split: str, batch_size: int,
+                              buckets: Sequence[int]) -> int:
+    plan = bucket_plan(shards.record_lengths(directory, split), buckets)
+    counts = np.bincount(plan.assignment, minlength=len(plan.buckets))
+    return int(sum(-(-c // batch_size) for c in counts))
 
 
 def eval_batches(directory: str, split: str, *, batch_size: int, length: int | None = None,

@@ -9,12 +9,14 @@ A shard directory looks like::
 
 A record is a dict (see :mod:`spectrax.spectra`): ``flux``/``ivar`` float32 [L], ``mask`` bool
 [L], optional ``wavelength`` float32 [L] (records without one use the manifest's grid),
-``labels`` float32 [K], ``id`` int64, optional ``meta`` (JSON-able scalars).
+``labels`` float32 [K], ``id`` int64, optional ``meta`` (JSON-able scalars). Instead of a
+``wavelength`` array a record may carry ``grid``, a descriptor of :func:`grid_array`.
 Serialisation is msgpack with raw little-endian array bytes (masks bit-packed): compact, fast,
 and readable without spectrax.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +46,8 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
             out[key] = (arr.shape[0], arr.tobytes())
     mask = np.asarray(record["mask"], dtype=bool)
     out["mask"] = (mask.shape[0], np.packbits(mask).tobytes())
+    if record.get("grid") is not None and record.get("wavelength") is None:
+        out["grid"] = json.dumps(record["grid"], sort_keys=True, default=_jsonable)
     if record.get("meta"):
         out["meta"] = {k: _jsonable(v) for k, v in record["meta"].items()}
     return msgpack.packb(out, use_bin_type=True)
@@ -62,6 +66,8 @@ def decode_record(data: bytes, where: str = "record") -> dict[str, Any]:
         rec["mask"] = np.unpackbits(np.frombuffer(buf, np.uint8), count=n).astype(bool)
         if "meta" in raw:
             rec["meta"] = raw["meta"]
+        if "grid" in raw:
+            rec["wavelength"] = _grid_f32(raw["grid"])
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise SpectrumError(f"{where}: corrupt record ({type(e).__name__}: {e})") from e
     if len(rec["flux"]) != len(rec["mask"]):
@@ -77,6 +83,49 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, np.ndarray):
         return v.tolist()
     return v
+
+
+# --------------------------------------------------------------------------------------------
+# Wavelength grids described in a few numbers
+# --------------------------------------------------------------------------------------------
+def grid_array(desc: Mapping[str, Any]) -> np.ndarray:
+    """A wavelength grid [n] float64 (Å) from its descriptor:
+
+    - ``{"kind": "linear", "start": Å, "step": Å, "n": int}``
+    - ``{"kind": "loglinear", "log10_start": ..., "log10_step": ..., "n": int}``
+    - ``{"kind": "segments", "segments": [descriptor, ...]}``: concatenated sub-grids (CCDs,
+      chips with gaps between them).
+
+    Records and manifests store descriptors instead of arrays where a grid has a closed form:
+    an APOGEE wavelength array is 30 kB per spectrum, its descriptor ~150 bytes.
+    """
+    return _grid_cached(json.dumps(desc, sort_keys=True, default=_jsonable))
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_cached(key: str) -> np.ndarray:
+    desc = json.loads(key)
+    kind = desc.get("kind")
+    if kind == "linear":
+        out = desc["start"] + desc["step"] * np.arange(desc["n"])
+    elif kind == "loglinear":
+        out = 10.0 ** (desc["log10_start"] + desc["log10_step"] * np.arange(desc["n"]))
+    elif kind == "segments":
+        out = np.concatenate([_grid_cached(json.dumps(d, sort_keys=True))
+                              for d in desc["segments"]])
+    else:
+        raise SpectrumError(f"wavelength grid of unknown kind {kind!r} (descriptor {desc})")
+    out = np.asarray(out, np.float64)
+    out.setflags(write=False)  # shared by every record that names this grid
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_f32(key: str) -> np.ndarray:
+    """The float32 grid records decode to (one shared read-only array per grid)."""
+    out = _grid_cached(key).astype(np.float32)
+    out.setflags(write=False)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,14 +155,7 @@ class Manifest:
 
     def grid_array(self) -> np.ndarray | None:
         """The shared grid as [n] float64 Å, or None."""
-        if not self.grid:
-            return None
-        if self.grid.get("kind") == "linear":
-            return self.grid["start"] + self.grid["step"] * np.arange(self.grid["n"])
-        if self.grid.get("kind") == "loglinear":
-            return 10.0 ** (self.grid["log10_start"] + self.grid["log10_step"]
-                            * np.arange(self.grid["n"]))
-        raise SpectrumError(f"manifest grid of unknown kind {self.grid.get('kind')!r}")
+        return grid_array(self.grid) if self.grid else None
 
     def count(self, split: str) -> int:
         return int(self.splits[split]["count"])
@@ -156,16 +198,26 @@ class ShardWriter:
         # group_size:1 makes every record its own chunk, so random access costs one read.
         self._writers = [ArrayRecordWriter(str(self.directory / f), "group_size:1")
                          for f in self.files]
+        self.split = split
         self.count = 0
+        self._lengths: list[int] = []
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._writers[self.count % len(self._writers)].write(encode_record(record))
+        self._lengths.append(len(record["flux"]))
         self.count += 1
 
     def close(self) -> dict[str, Any]:
         for w in self._writers:
             w.close()
-        return {"files": self.files, "count": self.count}
+        # Pixel counts in READ order (file 0's records, then file 1's, ...: record c went to file
+        # c % n), so the pipeline can bucket spectra by length without decoding them.
+        lengths = np.asarray(self._lengths, np.int32)
+        order = np.concatenate([np.arange(i, self.count, len(self.files))
+                                for i in range(len(self.files))]) if self.count else lengths
+        lengths_file = f"{self.split}-lengths.npy"
+        np.save(self.directory / lengths_file, lengths[order.astype(np.int64)])
+        return {"files": self.files, "count": self.count, "lengths_file": lengths_file}
 
 
 def assign_split(ids: np.ndarray, fractions: Mapping[str, float], seed: int) -> np.ndarray:
@@ -202,6 +254,25 @@ def split_paths(directory: str | os.PathLike, split: str) -> list[str]:
     if missing:
         raise SpectrumError(f"{directory}: manifest lists missing shard files {missing}")
     return paths
+
+
+def record_lengths(directory: str | os.PathLike, split: str) -> np.ndarray:
+    """Pixel count of every record of ``split`` in read order: [count] int32.
+
+    Read from the split's lengths file when the writer left one, else by decoding every record
+    once (shard directories written before lengths files existed)."""
+    manifest = read_manifest(directory)
+    entry = manifest.splits.get(split)
+    if entry is None:
+        raise SpectrumError(f"{directory}: no split '{split}' (has {sorted(manifest.splits)})")
+    name = entry.get("lengths_file")
+    if name and (Path(directory) / name).exists():
+        lengths = np.load(Path(directory) / name)
+        if len(lengths) != int(entry["count"]):
+            raise SpectrumError(f"{Path(directory) / name}: {len(lengths)} lengths for "
+                                f"{entry['count']} records; the shard directory is inconsistent")
+        return lengths.astype(np.int32)
+    return np.array([len(r["flux"]) for r in iter_records(directory, split)], np.int32)
 
 
 def iter_records(directory: str | os.PathLike, split: str) -> Iterator[dict[str, Any]]:

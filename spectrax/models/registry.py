@@ -36,11 +36,22 @@ def _spectrafm(m, rngs):
                                rngs=rngs)
 
 
+def _tokenizer_adapted(m, rngs):
+    from spectrax.models import tokenizer
+    if not m.num_outputs:
+        raise ValueError("config.model.num_outputs must be set for tokenizer_adapted (classes "
+                         "for classification, labels for regression)")
+    return tokenizer.AdaptedTokenizer(
+        tokenizer.tokenizer_config(m.variant or "small", dtype=m.dtype), m.num_outputs,
+        rngs=rngs)
+
+
 BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
     "spectrafm": _spectrafm,
     "specpt_autoencoder": _specpt_autoencoder,
     "specpt_redshift": _specpt_redshift,
     "tokenizer": _tokenizer,
+    "tokenizer_adapted": _tokenizer_adapted,
 }
 
 

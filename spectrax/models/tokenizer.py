@@ -455,6 +455,7 @@ class AdaptedTokenizer(nnx.Module):
     tokenizer. Raw spectra -> [B, K]."""
 
     frozen_paths = ("tokenizer",)
+    takes_raw_spectra = True  # normalises inside and needs ivar (spectrax.tasks.forward)
 
     def __init__(self, cfg: TokenizerConfig, num_outputs: int, *, rngs: nnx.Rngs):
         self.cfg = cfg
