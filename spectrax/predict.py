@@ -10,6 +10,21 @@ catalogue has one row per input spectrum: TARGETID, the task's predictions (Z_PR
 redshift task), the known label where there is one (Z), NPIX_VALID (usable pixels; 0 means the
 prediction saw no data) and the survey metadata the reader found.
 
+Pixel length of the batches: a config with length buckets (``config.data.buckets``, the
+tokenizer configs, whose inputs are spectra on their native grids) pads each record to the
+smallest bucket that holds it, as training does (:func:`spectrax.data.pipeline.bucket_plan`),
+and each batch holds records of one bucket (one compilation per bucket; within an input the
+catalogue rows are grouped by bucket). A record longer than the largest bucket is refused. A
+config without buckets predicts on ``config.data.length`` pixels (7781, the DESI grid, when
+unset) and refuses records of another length.
+
+Embeddings instead of a catalogue: with ``--embeddings=emb.h5`` (tokenizer models only) the
+command writes the tokenizer's per-spectrum token sequences and mean-pooled vectors to an HDF5
+file and no catalogue (see :mod:`spectrax.embeddings`)::
+
+    python -m spectrax.predict --config=configs/tokenizer_pretrain.py \
+        --checkpoint=runs/tokenizer_pretrain-small --input=data/mine --embeddings=emb.h5
+
 Many files, days of compute: the run is resumable. Each finished input is written atomically
 to ``<output>.parts/`` and listed in a ledger; rerun the same command after an interruption and
 finished inputs are skipped (``--restart`` predicts everything again). Bad pixels are masked and
@@ -24,6 +39,7 @@ From Python, the same jitted function::
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -135,6 +151,9 @@ def _shard_records(p: Path, split: str | None, counts: dict, refusals: Refusals
                     rec["wavelength"] = grid.astype(np.float32)
                 rec.setdefault("meta", {})["SPLIT"] = s
                 rec["meta"]["SOURCE"] = p.name
+                # Labels are picked by name (_stack): the manifest's columns need not start
+                # with the task's (multi-survey shards: z, class, ..., survey).
+                rec["_label_names"] = tuple(manifest.label_names)
                 rec["_where"] = f"{path} record {i} (id {int(rec['id'])})"
                 yield rec
             try:
@@ -143,6 +162,10 @@ def _shard_records(p: Path, split: str | None, counts: dict, refusals: Refusals
                 refusals.add(f"{path}: corrupt or truncated ArrayRecord shard ({e}); records "
                              "after the damage are missing")
                 _bump(counts, f"{p.name}:refused_files")
+
+
+# The label vector of DESI reader records: the redrock redshift (NaN when unknown).
+DESI_LABEL_NAMES = ("z",)
 
 
 def _desi_records(p: Path, counts: dict) -> Iterator[dict]:
@@ -156,6 +179,7 @@ def _desi_records(p: Path, counts: dict) -> Iterator[dict]:
     for row, rec in enumerate(result.records):
         rec["wavelength"] = result.wavelength.astype(np.float32)
         rec.setdefault("meta", {})["SOURCE"] = p.name
+        rec["_label_names"] = DESI_LABEL_NAMES
         rec["_where"] = f"{p} record {row} (TARGETID {int(rec['id'])})"
         yield rec
 
@@ -192,36 +216,119 @@ def _records_from_input(item: str, split: str | None, counts: dict,
         yield clean
 
 
-def _fitting_records(item: str, split: str | None, length: int, counts: dict,
+@dataclasses.dataclass(frozen=True)
+class LengthPolicy:
+    """The pixel length a record of ``n`` pixels is padded to for the model, or a refusal.
+
+    Attributes:
+      buckets: length buckets in pixels (``config.data.buckets``); when given, a record goes to
+        the smallest bucket that holds it (the rule of :func:`spectrax.data.pipeline.bucket_plan`,
+        so inference pads exactly as training did) and a longer one is refused.
+      length: without buckets, the fixed batch length in pixels; None: each record at its own
+        length (one compilation per distinct length).
+      exact: with ``length``, only records of exactly that length are accepted (models on a
+        fixed grid); False pads any shorter record to it.
+    """
+
+    buckets: tuple[int, ...] = ()
+    length: int | None = None
+    exact: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in self.buckets)))
+
+    @classmethod
+    def for_catalogue(cls, config) -> "LengthPolicy":
+        """Buckets when the config has them, else exactly ``config.data.length`` (default 7781,
+        the DESI coadd grid): the rule of the catalogue path (module docstring)."""
+        buckets = tuple(config.data.buckets)
+        if buckets:
+            return cls(buckets=buckets)
+        return cls(length=int(config.data.length or 7781), exact=True)
+
+    def target(self, n: int) -> int | None:
+        """The padded length for a record of ``n`` pixels; None when it cannot be used."""
+        if self.buckets:
+            if n > self.buckets[-1]:
+                return None
+            from spectrax.data.pipeline import bucket_plan
+            return self.buckets[int(bucket_plan([n], self.buckets).assignment[0])]
+        if self.length is None:
+            return int(n)
+        if n == self.length or (not self.exact and n < self.length):
+            return int(self.length)
+        return None
+
+    def refusal(self, n: int) -> str:
+        """Why a record of ``n`` pixels is refused (for the message naming it)."""
+        if self.buckets:
+            return (f"spectrum has {n} pixels, more than the largest length bucket "
+                    f"({self.buckets[-1]} px); add a larger bucket to config.data.buckets")
+        if self.exact:
+            return (f"spectrum has {n} pixels; this model expects {self.length} (resample onto "
+                    "its grid first)")
+        return f"spectrum has {n} pixels, more than config.data.length = {self.length}"
+
+
+def _policy(length: "int | LengthPolicy") -> LengthPolicy:
+    return length if isinstance(length, LengthPolicy) else LengthPolicy(length=int(length))
+
+
+def _fitting_records(item: str, split: str | None, length: "int | LengthPolicy", counts: dict,
                      refusals: Refusals) -> Iterator[dict]:
-    """:func:`_records_from_input` minus the records that are not on the model's pixel grid."""
+    """:func:`_records_from_input` minus the records the model cannot take; each kept record
+    carries the pixel length it is batched at in ``_length`` (see :class:`LengthPolicy`; an
+    int ``length`` means exactly that many pixels)."""
+    policy = _policy(length)
     for rec in _records_from_input(item, split, counts, refusals):
         where = rec.pop("_where")
-        if len(rec["flux"]) != length:
-            refusals.add(f"{where}: spectrum has {len(rec['flux'])} pixels; this model expects "
-                         f"{length} (resample onto its grid first)")
+        target = policy.target(len(rec["flux"]))
+        if target is None:
+            refusals.add(f"{where}: {policy.refusal(len(rec['flux']))}")
             _bump(counts, f"{Path(item).name}:refused_records")
             continue
+        rec["_length"] = target
         yield rec
 
 
-def _batched(records: Iterable[dict], batch_size: int, length: int,
-             label_names: Sequence[str]) -> Iterator[tuple[SpectrumBatch, list[dict]]]:
-    """Host batches (last one padded with invalid rows) with each real row's metadata."""
-    buf: list[dict] = []
+def _grouped(records: Iterable[dict], batch_size: int, length: "int | LengthPolicy"
+             ) -> Iterator[tuple[int, list[dict]]]:
+    """(pixel length, up to ``batch_size`` records) groups, each of ONE padded length.
+
+    A record's length is its ``_length`` (set by :func:`_fitting_records`), else what the
+    policy says. Each length fills its own group and is emitted when full; the partial groups
+    follow at the end, shortest length first. So jit compiles once per length and rows are in
+    read order within a length, not across lengths.
+    """
+    policy = _policy(length)
+    groups: dict[int, list[dict]] = {}
     for rec in records:
-        buf.append(rec)
-        if len(buf) == batch_size:
-            yield _stack(buf, batch_size, length, label_names), [r.get("meta", {}) for r in buf]
-            buf = []
-    if buf:
-        yield _stack(buf, batch_size, length, label_names), [r.get("meta", {}) for r in buf]
+        n = rec.get("_length") or policy.target(len(rec["flux"]))
+        if n is None:
+            raise SpectrumError(f"record {rec.get('id')}: {policy.refusal(len(rec['flux']))}")
+        group = groups.setdefault(int(n), [])
+        group.append(rec)
+        if len(group) == batch_size:
+            yield int(n), group
+            groups[int(n)] = []
+    for n in sorted(groups):
+        if groups[n]:
+            yield n, groups[n]
 
 
-def iter_batches(inputs: Sequence[str], batch_size: int, length: int, label_names: Sequence[str],
-                 split: str | None = None, counts: dict | None = None
-                 ) -> Iterator[tuple[SpectrumBatch, list[dict]]]:
-    """Host batches over all ``inputs``; raises SpectrumError at the first unusable record."""
+def _batched(records: Iterable[dict], batch_size: int, length: "int | LengthPolicy",
+             label_names: Sequence[str]) -> Iterator[tuple[SpectrumBatch, list[dict]]]:
+    """Host batches of one pixel length each (see :func:`_grouped`; a batch's last rows are
+    invalid padding when it is not full) with each real row's metadata."""
+    for n, group in _grouped(records, batch_size, length):
+        yield _stack(group, batch_size, n, label_names), [r.get("meta", {}) for r in group]
+
+
+def iter_batches(inputs: Sequence[str], batch_size: int, length: "int | LengthPolicy",
+                 label_names: Sequence[str], split: str | None = None,
+                 counts: dict | None = None) -> Iterator[tuple[SpectrumBatch, list[dict]]]:
+    """Host batches over all ``inputs``; raises SpectrumError at the first unusable record.
+    ``length``: an int (exactly that many pixels) or a :class:`LengthPolicy` (buckets)."""
     counts = {} if counts is None else counts
     strict = Refusals(strict=True)
     records = (r for item in inputs
@@ -229,12 +336,26 @@ def iter_batches(inputs: Sequence[str], batch_size: int, length: int, label_name
     yield from _batched(records, batch_size, length, label_names)
 
 
-def _stack(records, batch_size, length, label_names):
+def select_labels(record: dict, label_names: Sequence[str]) -> np.ndarray:
+    """[K] float32: the record's values of ``label_names``, NaN where it has no such label.
+
+    Records that say which labels they hold (``_label_names``: the shard manifest's columns,
+    or ("z",) for DESI files) are matched by name; others positionally (the first K values).
+    """
     k = len(label_names)
+    lab = np.atleast_1d(np.asarray(record.get("labels", []), np.float32))
+    names = record.get("_label_names")
+    if names is not None:
+        names = list(names)
+        return np.array([lab[names.index(n)] if n in names and names.index(n) < lab.size
+                         else np.nan for n in label_names], np.float32)
+    return lab[:k] if lab.size >= k else np.full(k, np.nan, np.float32)
+
+
+def _stack(records, batch_size, length, label_names):
     for r in records:
-        lab = np.atleast_1d(np.asarray(r.get("labels", []), np.float32))
-        r["labels"] = lab[:k] if lab.size >= k else np.full(k, np.nan, np.float32)
-    return pad_batch_rows(stack_records(records, k, length=length), batch_size)
+        r["labels"] = select_labels(r, label_names)
+    return pad_batch_rows(stack_records(records, len(label_names), length=length), batch_size)
 
 
 # ==============================================================================================
@@ -304,8 +425,9 @@ class PartStore:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _predict_input(predictor, item: str, split: str | None, batch_size: int, length: int,
-                   refusals: Refusals, counts: dict, timing: dict):
+def _predict_input(predictor, item: str, split: str | None, batch_size: int,
+                   length: "int | LengthPolicy", refusals: Refusals, counts: dict,
+                   timing: dict):
     """Predicts every usable spectrum of one input; returns its table (None if it has none)."""
     from astropy.table import Table
 
@@ -316,9 +438,11 @@ def _predict_input(predictor, item: str, split: str | None, batch_size: int, len
     for batch, meta in _batched(records, batch_size, length, task.label_names):
         t = time.perf_counter()
         out = predictor(batch)
-        if timing["calls"]:  # the first call includes compilation: leave it out of the rate
+        compiled = timing.setdefault("lengths", set())
+        if batch.num_pixels in compiled:  # a length's first call compiles: not in the rate
             timing["seconds"] += time.perf_counter() - t
             timing["spectra"] += int(batch.valid.sum())
+        compiled.add(batch.num_pixels)
         timing["calls"] += 1
         v = batch.valid
         cols = {"TARGETID": batch.ids[v], **{k: np.asarray(val)[v] for k, val in
@@ -361,7 +485,7 @@ def run(config, checkpoint: str, inputs: Sequence[str], output: str | Path, *,
     message naming them (``refused``), the rest go through.
     """
     predictor = Predictor.from_checkpoint(config, checkpoint)
-    length = config.data.length or 7781
+    length = LengthPolicy.for_catalogue(config)  # buckets, or exactly data.length pixels
     if batch_size % jax.device_count():
         batch_size = jax.device_count() * max(1, batch_size // jax.device_count())
     store = PartStore(output, {"config": config.name, "step": predictor.step,
@@ -399,7 +523,8 @@ def run(config, checkpoint: str, inputs: Sequence[str], output: str | Path, *,
 
 
 def _predict_and_store(predictor, store: PartStore, key: str, item: str, split: str | None,
-                       batch_size: int, length: int, timing: dict) -> dict | None:
+                       batch_size: int, length: "int | LengthPolicy", timing: dict
+                       ) -> dict | None:
     """Predicts one input into its part; returns its ledger entry (None: nothing usable, not
     stored, so a rerun retries it)."""
     counts: dict[str, int] = {}
@@ -461,12 +586,43 @@ def define_flags() -> None:
     flags.DEFINE_string("split", None, "Only this split of shard inputs (default: all).")
     flags.DEFINE_bool("restart", False, "Ignore the per-input results a previous, interrupted "
                       "run left in <output>.parts/ and predict every input again.")
+    flags.DEFINE_string("embeddings", None, "Write the tokenizer's embeddings (token sequences "
+                        "and mean-pooled vectors, see spectrax.embeddings) to this HDF5 file "
+                        "INSTEAD of the catalogue; tokenizer models only.")
+    flags.DEFINE_bool("embeddings_tokens", True, "With --embeddings: also store every token "
+                      "sequence (false: mean-pooled vectors only, ~N times smaller).")
+    flags.DEFINE_enum("embeddings_dtype", "float32", ["float32", "float16"],
+                      "With --embeddings: storage type of the token sequences.")
+
+
+def _main_embeddings():
+    """``--embeddings``: the HDF5 export of :mod:`spectrax.embeddings` (no catalogue)."""
+    from spectrax.embeddings import EmbeddingsError, export_embeddings
+    try:
+        summary = export_embeddings(FLAGS.config, FLAGS.checkpoint, FLAGS.input,
+                                    FLAGS.embeddings, batch_size=FLAGS.batch_size,
+                                    split=FLAGS.split, tokens=FLAGS.embeddings_tokens,
+                                    token_dtype=FLAGS.embeddings_dtype)
+    except (EmbeddingsError, SpectrumError, FileNotFoundError) as e:
+        print(f"spectrax.predict: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote embeddings of {summary['rows']:,} spectra ({summary['tokens']:,} tokens of "
+          f"width {summary['d_model']}) to {summary['output']}")
+    for k, v in summary["reader_counts"].items():
+        if v:
+            print(f"  {k}: {v}")
+    if summary["refused"]:
+        print(f"{len(summary['refused'])} record(s)/file(s) refused (see the messages above)")
+        sys.exit(1)
 
 
 def main(argv):
     del argv
     if FLAGS.config is None or not FLAGS.checkpoint or not FLAGS.input:
         raise app.UsageError("--config, --checkpoint and --input are required")
+    if FLAGS.embeddings:
+        _main_embeddings()
+        return
     try:
         summary = run(FLAGS.config, FLAGS.checkpoint, FLAGS.input, FLAGS.output,
                       batch_size=FLAGS.batch_size, split=FLAGS.split, restart=FLAGS.restart)
