@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"     # compute dtype; parameters stay float32
     c.model.batch_mixing_attention = False
     c.model.num_outputs = 0       # classes or regressed labels of heads that need it
+    c.model.pixel_range = ()      # window_mlp: (first, stop) pixels of its input window
 
     c.data = ml_collections.ConfigDict()
     c.data.path = ""              # a shard directory; empty = the embedded simulator
@@ -57,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "data"
     c.data.length = 0             # pixel axis length; 0 = the manifest grid's
     c.data.buckets = ()           # length buckets (px) for variable-length spectra; () = none
+    c.data.train_select = ""      # keep only train spectra with e.g. "FE_H > -1" ...
+    c.data.train_limit = 0        # ... and at most this many of them (0 = all)
     c.data.num_threads = 2
 
     c.batch_size = 32             # global, over all devices and processes
@@ -71,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.schedule = "cosine"   # cosine | constant | plateau
     c.optim.warmup_steps = 100
     c.optim.plateau_patience = 5
+    c.optim.t0_epochs = 50        # cosine_restarts: epochs per cosine cycle (T_0) ...
+    c.optim.eta_min = 1e-10       # ... and the floor it anneals to
     c.optim.freeze = ()           # parameter path prefixes never updated ("encoder/stem", ...)
 
     c.mesh = ml_collections.ConfigDict()
@@ -225,4 +230,96 @@ def tokenizer_adapt(kind: str, arg: str | None) -> ml_collections.ConfigDict:
     c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-3, "cosine", 50
     c.optim.weight_decay = 0.01
     c.batch_size, c.num_steps = 32, (a.steps or 600)
+    return c.lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# SpectraFM (configs/spectrafm_*.py): the paper's three stages and the MLP baseline
+# ----------------------------------------------------------------------------------------------
+SPECTRAFM_FIRST_HALF = (0, 3757)      # stage 2: pixels 0–3756, 1.515–1.603 µm
+SPECTRAFM_FE_WINDOW = (4107, 4619)    # stage 3: 512 pixels, 1.611–1.622 µm, two Fe lines
+
+
+def _spectrafm_base(name: str, arg, **extra):
+    a = parse_arg(arg, variant="small", steps=0, **extra)
+    c = base_config()
+    c.name = name
+    c.task = "spectrafm"
+    c.model.name = "spectrafm"
+    c.model.variant = a.variant
+    c.data.n_train, c.data.n_val, c.data.n_test = 4000, 200, 1000
+    c.optim.weight_decay = 0.01
+    return a, c
+
+
+def spectrafm_pretrain(arg: str | None) -> ml_collections.ConfigDict:
+    """Stage 1: pre-training on CLEAN synthetic APOGEE-like spectra, all five labels, random
+    subsets of up to 512 pixels, cosine annealing with warm restarts (SPECS.md §4).
+
+    Variants: ``small`` (default; CPU: T_0 = 10 epochs, lr 1e-3), ``paper`` (11,870,722
+    parameters; batch 64 per device, lr 1e-4, T_0 = 50 epochs, eta_min 1e-10), ``tiny``."""
+    a, c = _spectrafm_base("spectrafm_pretrain", arg)
+    c.data.simulator = "apogee_clean"
+    c.optim.schedule, c.optim.eta_min, c.optim.warmup_steps = "cosine_restarts", 1e-10, 0
+    if a.variant == "paper":
+        c.batch_size, c.optim.lr, c.optim.t0_epochs = 64, 1e-4, 50
+        c.data.n_train = 90_000
+        c.num_steps = 325 * (90_000 // 64)
+    else:
+        c.batch_size, c.optim.lr, c.optim.t0_epochs = 64, 1e-3, 10
+        c.num_steps = 1200
+    c.num_steps = a.steps or c.num_steps
+    c.ckpt_every = 400
+    return c.lock()
+
+
+def spectrafm_finetune_real(arg: str | None) -> ml_collections.ConfigDict:
+    """Stage 2: fine-tuning on REAL-LIKE spectra of the same stars, first half of the wavelength
+    range only (pixels 0–3756), all labels, nothing frozen; initialised from stage 1
+    (``runs/spectrafm_pretrain-<variant>``), whose pixel and label statistics it reuses."""
+    a, c = _spectrafm_base("spectrafm_finetune_real", arg)
+    c.data.simulator = "apogee_real"
+    c.task_kwargs.pixel_range = SPECTRAFM_FIRST_HALF
+    c.init.from_workdir = f"runs/spectrafm_pretrain-{a.variant}"
+    c.optim.lr = 1e-4 if a.variant == "paper" else 3e-4
+    c.optim.schedule, c.optim.warmup_steps = "cosine", 20
+    c.batch_size, c.num_steps = 64, (a.steps or 600)
+    return c.lock()
+
+
+def spectrafm_fe_100(arg: str | None) -> ml_collections.ConfigDict:
+    """Stage 3: [Fe/H] from the 512-pixel Fe window (pixels 4107–4618), fine-tuned on 100
+    iron-rich stars ([Fe/H] > −1) with the decoder and the second encoder block FROZEN (only the
+    embeddings and the first encoder block train); the test split holds iron-poor stars too and
+    reports their RMSE. Initialised from stage 2 (``runs/spectrafm_finetune_real-<variant>``)."""
+    a, c = _spectrafm_base("spectrafm_fe_100", arg)
+    c.data.simulator = "apogee_real"
+    c.data.train_select, c.data.train_limit = "FE_H > -1", 100
+    c.task_kwargs.labels = ("FE_H",)
+    c.task_kwargs.pixel_range = SPECTRAFM_FE_WINDOW
+    c.init.from_workdir = f"runs/spectrafm_finetune_real-{a.variant}"
+    c.optim.freeze = ("encoder/1", "decoder")
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 3e-4, "cosine", 10
+    c.batch_size, c.num_steps = 20, (a.steps or 300)
+    c.eval_batch_size = 64
+    return c.lock()
+
+
+def spectrafm_mlp_fe_100(arg: str | None) -> ml_collections.ConfigDict:
+    """The from-scratch baseline of stage 3: an MLP on the same 512-pixel window, trained on the
+    same 100 iron-rich stars, [Fe/H] only, evaluated on the same test split."""
+    a = parse_arg(arg, variant="", steps=0)
+    c = base_config()
+    c.name = "spectrafm_mlp_fe_100"
+    c.task = "regression"
+    c.task_kwargs.labels = ("FE_H",)
+    c.model.name = "window_mlp"
+    c.model.num_outputs = 1
+    c.model.pixel_range = SPECTRAFM_FE_WINDOW
+    c.data.simulator = "apogee_real"
+    c.data.n_train, c.data.n_val, c.data.n_test = 4000, 200, 1000
+    c.data.train_select, c.data.train_limit = "FE_H > -1", 100
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-3, "cosine", 10
+    c.optim.weight_decay = 0.01
+    c.batch_size, c.num_steps = 20, (a.steps or 500)
     return c.lock()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from collections import Counter
@@ -94,11 +95,11 @@ def simulate_to_shards(data_cfg, out: Path, *, chunk: int = 512) -> Path:
     """Simulates train/val/test splits with independent seeds into ``out``."""
     from spectrax.data import mixture, synthetic
 
-    if data_cfg.simulator in mixture.MIXTURES:
+    if data_cfg.simulator in mixture.MIXTURES or data_cfg.simulator in mixture.APOGEE_SETS:
         return simulate_mixture_to_shards(data_cfg, out)
     if data_cfg.simulator not in SIMULATORS:
         raise ValueError(f"config.data.simulator={data_cfg.simulator!r}; known: "
-                         f"{sorted(SIMULATORS) + sorted(mixture.MIXTURES)} (or set "
+                         f"{sorted(SIMULATORS) + sorted(mixture.MIXTURES) + sorted(mixture.APOGEE_SETS)} (or set "
                          "config.data.path to a shard directory)")
     (sample,) = SIMULATORS[data_cfg.simulator]
     tmp = _atomic_dir(out)
@@ -136,6 +137,14 @@ def simulate_mixture_to_shards(data_cfg, out: Path) -> Path:
     their native grids, label columns :data:`spectrax.data.mixture.LABELS`."""
     from spectrax.data import mixture
 
+    name = data_cfg.simulator
+    if name in mixture.APOGEE_SETS:
+        source, label_names = mixture.iter_apogee, mixture.apogee_label_names()
+        components = {"apogee/STAR": data_cfg.n_train}
+    else:
+        source, label_names = mixture.iter_mixture, list(mixture.LABELS)
+        components = {f"{c.survey}/{c.cls}": n for c, n in zip(
+            mixture.mixture(name), mixture.component_counts(name, data_cfg.n_train))}
     tmp = _atomic_dir(out)
     sizes = {"train": data_cfg.n_train, "val": data_cfg.n_val, "test": data_cfg.n_test}
     splits, train_labels = {}, []
@@ -156,8 +165,7 @@ def simulate_mixture_to_shards(data_cfg, out: Path) -> Path:
             if split == "train":
                 train_labels.append(rec["labels"])
 
-        for records in mixture.iter_mixture(data_cfg.simulator, n,
-                                            seed=data_cfg.sim_seed * 10 + k):
+        for records in source(name, n, seed=data_cfg.sim_seed * 10 + k):
             buffer.extend(records)
             while len(buffer) > SHUFFLE_BUFFER:
                 emit(buffer.pop(int(rng.integers(len(buffer)))))
@@ -166,22 +174,98 @@ def simulate_mixture_to_shards(data_cfg, out: Path) -> Path:
             emit(buffer[j])
         splits[split] = writer.close()
     bar.close()
-    labels = np.stack(train_labels) if train_labels else np.zeros((0, len(mixture.LABELS)))
+    labels = np.stack(train_labels) if train_labels else np.zeros((0, len(label_names)))
     shards.write_manifest(tmp, shards.Manifest(
-        label_names=list(mixture.LABELS), splits=splits, grid=None,
-        stats={"labels": label_stats(labels, mixture.LABELS)},
-        report={"simulated": sum(sizes.values()),
-                "components": {f"{c.survey}/{c.cls}": n for c, n in zip(
-                    mixture.mixture(data_cfg.simulator),
-                    mixture.component_counts(data_cfg.simulator, data_cfg.n_train))}},
+        label_names=label_names, splits=splits, grid=None,
+        stats={"labels": label_stats(labels, label_names)},
+        report={"simulated": sum(sizes.values()), "components": components},
         source={"simulator": data_cfg.simulator, "seed": data_cfg.sim_seed,
                 "version": SIM_VERSION}))
     return _publish(tmp, out)
 
 
+_SELECT = re.compile(r"^\s*(\w+)\s*(<=|>=|<|>|==)\s*([-+0-9.eE]+)\s*$")
+
+
+def parse_selection(select: str) -> tuple[str, str, float] | None:
+    """``"FE_H > -1"`` -> ("FE_H", ">", -1.0); "" -> None; anything else: ValueError."""
+    if not select:
+        return None
+    m = _SELECT.match(select)
+    if not m:
+        raise ValueError(f"config.data.train_select={select!r}: expected '<LABEL> <op> <number>' "
+                         "with op one of < <= > >= ==")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def train_subset(src: Path, select: str, limit: int) -> Path:
+    """A shard directory whose train split is the first ``limit`` train records of ``src`` that
+    satisfy ``select`` (e.g. SpectraFM's 100 iron-rich stars); its other splits are ``src``'s
+    files, referenced, not copied. Label statistics are recomputed on the subset."""
+    import operator
+
+    ops = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+           "==": operator.eq}
+    manifest = shards.read_manifest(src)
+    sel = parse_selection(select)
+    if sel and sel[0] not in manifest.label_names:
+        raise ValueError(f"config.data.train_select names label {sel[0]!r}; {src} has "
+                         f"{manifest.label_names}")
+    key = hashlib.sha1(json.dumps([select, limit]).encode()).hexdigest()[:8]
+    out = src.parent / f"{src.name}-subset-{key}"
+    if (out / shards.MANIFEST).exists():
+        return out
+    tmp = _atomic_dir(out)
+    writer = shards.ShardWriter(tmp, "train", 1)
+    kept = []
+    for rec in shards.iter_records(src, "train"):
+        if sel:
+            j = manifest.label_names.index(sel[0])
+            value = rec["labels"][j]
+            if not (np.isfinite(value) and ops[sel[1]](value, sel[2])):
+                continue
+        writer.write(rec)
+        kept.append(rec["labels"])
+        if limit and len(kept) >= limit:
+            break
+    if not kept:
+        raise ValueError(f"{src}: no train spectrum satisfies {select!r}")
+    splits = {"train": writer.close()}
+    for name, entry in manifest.splits.items():
+        if name != "train":  # paths relative to the new directory
+            splits[name] = {**entry, "files": [f"../{src.name}/{f}" for f in entry["files"]]}
+            if entry.get("lengths_file"):
+                splits[name]["lengths_file"] = f"../{src.name}/{entry['lengths_file']}"
+    shards.write_manifest(tmp, shards.Manifest(
+        label_names=manifest.label_names, splits=splits, grid=manifest.grid,
+        stats={"labels": label_stats(np.stack(kept), manifest.label_names)},
+        report={**manifest.report, "train_subset": {"select": select, "limit": limit,
+                                                    "kept": len(kept)}},
+        source={**manifest.source, "subset_of": str(src)}))
+    return _publish(tmp, out)
+
+
 def ensure_data(data_cfg) -> Path:
     """The shard directory a config trains on: ``data.path`` if set, else the simulator's cache
-    (generated on first use; in multi-process runs only process 0 writes it)."""
+    (generated on first use; in multi-process runs only process 0 writes it), restricted to
+    ``data.train_select`` / ``data.train_limit`` when those are set."""
+    base = _ensure_base(data_cfg)
+    select = data_cfg.get("train_select", "")
+    limit = int(data_cfg.get("train_limit", 0))
+    if not select and not limit:
+        return base
+    import jax
+    from jax.experimental import multihost_utils
+
+    out = None
+    if jax.process_index() == 0:
+        out = train_subset(base, select, limit)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("spectrax train subset")
+    return out or train_subset(base, select, limit)
+
+
+def _ensure_base(data_cfg) -> Path:
     if data_cfg.path:
         path = Path(data_cfg.path)
         shards.read_manifest(path)  # a clear error if it is not a shard directory

@@ -12,7 +12,7 @@ The training loop knows only this interface:
 - ``catalogue(outputs) -> dict[column, array]`` for the FITS catalogue of ``spectrax.predict``.
 
 Optional hooks (defaults below in :class:`Task`): ``bind_labels(available)`` lets a task use
-labels only when the shards have them (e.g. the survey of each spectrum); ``fit_state(stats)``
+labels only when the shards have them (e.g. the survey of each spectrum); ``fit_state(stats, data_dir)``
 takes what the task needs from the train split's statistics (label standardisation), and
 ``state()`` / ``load_state()`` carry it through checkpoints, so fine-tunes and inference reuse the
 statistics the model was trained with.
@@ -43,8 +43,9 @@ class Task:
     def bind_labels(self, available) -> None:
         """Called with the shards' label names before training or prediction."""
 
-    def fit_state(self, label_stats: dict) -> None:
-        """Called with the train split's per-label statistics (``manifest.stats['labels']``)."""
+    def fit_state(self, label_stats: dict, data_dir=None) -> None:
+        """Called with the train split's per-label statistics (``manifest.stats['labels']``)
+        and the shard directory (for statistics a task computes itself)."""
 
     def state(self) -> dict:
         return {}
@@ -271,6 +272,8 @@ class TokenizerReconstructionTask(Task):
                 groups.setdefault(name, []).append((batch, pred, i))
         for name, rows in groups.items():
             rows = rows[:n]
+            if not rows:  # num_figures = 0
+                continue
             paths.append(plots.reconstruction_rows(
                 rows, workdir / f"reconstructions_{name}.png", title=f"{name}: Gaussian-NLL "
                 "reconstruction (normalised units × scale)"))
@@ -351,7 +354,7 @@ class RegressionTask(Task):
         self.mean = None
         self.std = None
 
-    def fit_state(self, label_stats: dict) -> None:
+    def fit_state(self, label_stats: dict, data_dir=None) -> None:
         missing = [n for n in self.label_names if n not in label_stats]
         if missing:
             raise ValueError(f"the train split has no statistics for labels {missing}; "
@@ -405,6 +408,11 @@ class RegressionTask(Task):
                         f"n_{name}": int(v.sum())})
             if name == "z":
                 res.update({f"z_{k2}": v2 for k2, v2 in M.redshift_metrics(y, yp).items()})
+            if name.lower() in ("feh", "fe_h"):  # SpectraFM's stage-3 evaluation
+                poor = y < -1.0
+                if poor.any():
+                    res[f"{name}_rmse_iron_poor"] = M.rmse(y[poor], yp[poor])
+                    res["n_iron_poor"] = int(poor.sum())
         return res
 
     def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
@@ -421,6 +429,14 @@ class RegressionTask(Task):
 TASKS = {"reconstruction": ReconstructionTask, "redshift": RedshiftTask,
          "tokenizer_reconstruction": TokenizerReconstructionTask,
          "classification": ClassificationTask, "regression": RegressionTask}
+
+
+def _spectrafm_task(**kwargs):
+    from spectrax.tasks_spectrafm import SpectraFMTask  # imports this module: load on demand
+    return SpectraFMTask(**kwargs)
+
+
+TASKS["spectrafm"] = _spectrafm_task
 
 
 def get_task(name: str, **kwargs):

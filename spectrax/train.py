@@ -39,22 +39,43 @@ flags.DEFINE_bool("dry_run", False, "Print the model's parameter table and exit.
 # ==============================================================================================
 # Model state: the pure pytrees a jitted step takes and returns
 # ==============================================================================================
-def build_optimizer(config, num_steps: int, freeze_labels=None):
+def cosine_warm_restarts(peak: float, period: int, eta_min: float, warmup: int = 0):
+    """PyTorch's CosineAnnealingWarmRestarts with T_mult = 1 (SpectraFM's schedule), per step:
+    lr = eta_min + ½ (peak − eta_min)(1 + cos(π · (t mod T) / T)), T = ``period`` steps, after
+    an optional linear warm-up of ``warmup`` steps (t counts from its end)."""
+    period = max(int(period), 1)
+
+    def schedule(step):
+        t = jnp.maximum(step - warmup, 0) % period
+        lr = eta_min + 0.5 * (peak - eta_min) * (1.0 + jnp.cos(jnp.pi * t / period))
+        if warmup:
+            lr = jnp.where(step < warmup, peak * step / warmup, lr)
+        return lr
+
+    return schedule
+
+
+def build_optimizer(config, num_steps: int, freeze_labels=None, steps_per_epoch: int = 1):
     """AdamW (or SGD) with warm-up + schedule, gradient clipping and optional frozen subtrees.
 
-    Frozen parameters go through ``optax.set_to_zero`` so they stay bitwise unchanged (no
-    weight decay either).
+    Schedules: ``cosine`` (one decay to 1 % over the run), ``constant``, ``plateau``, and
+    ``cosine_restarts`` (warm restarts every ``optim.t0_epochs`` epochs of ``steps_per_epoch``
+    steps, down to ``optim.eta_min``). Frozen parameters go through ``optax.set_to_zero`` so
+    they stay bitwise unchanged (no weight decay either).
     """
     o = config.optim
     warm = min(int(o.warmup_steps), max(num_steps - 1, 0))
-    if o.schedule == "cosine":
+    if o.schedule == "cosine_restarts":
+        lr = cosine_warm_restarts(o.lr, o.t0_epochs * steps_per_epoch, o.eta_min, warm)
+    elif o.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(num_steps, warm + 1),
                                                 end_value=o.lr * 0.01)
     elif o.schedule in ("constant", "plateau"):
         lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm),
                                    optax.constant_schedule(o.lr)], [warm]) if warm else o.lr
     else:
-        raise ValueError(f"config.optim.schedule {o.schedule!r}: use cosine, constant or plateau")
+        raise ValueError(f"config.optim.schedule {o.schedule!r}: use cosine, cosine_restarts, "
+                         "constant or plateau")
     if o.name == "adamw":
         inner = optax.adamw(lr, weight_decay=o.weight_decay)
     elif o.name == "sgd":
@@ -87,7 +108,7 @@ class Trainer:
     """Holds the static pieces of a run (graph definition, task, optimiser, mesh, shardings)
     and exposes pure jitted functions of the state pytree."""
 
-    def __init__(self, config, mesh, num_steps: int):
+    def __init__(self, config, mesh, num_steps: int, steps_per_epoch: int | None = None):
         from spectrax import sharding, tasks
         from spectrax.models import registry
 
@@ -100,8 +121,12 @@ class Trainer:
                                                          nnx.RngState, ...)
         self.frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
         labels = freeze_labels_for(abstract_params, self.frozen) if self.frozen else None
-        self.tx, self.lr_schedule = build_optimizer(config, num_steps, labels)
+        if steps_per_epoch is None:  # the simulated train split's size
+            steps_per_epoch = max(1, config.data.n_train // config.batch_size)
+        self.tx, self.lr_schedule = build_optimizer(config, num_steps, labels, steps_per_epoch)
         self.uses_value = config.optim.schedule == "plateau"
+        # Tasks that sample (SpectraFM: pixels and the requested label) take a per-step key.
+        self.task_uses_rng = getattr(self.task, "uses_rng", False)
 
         self.abstract_state = jax.eval_shape(self._init)
         self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh)
@@ -142,7 +167,8 @@ class Trainer:
         def loss_fn(params, other, rngs):
             model = nnx.merge(self.graphdef, params, rngs, other, copy=True)
             nnx.reseed(model, dropout=key)
-            loss, aux = self.task.loss(model, batch, train=True)
+            extra = {"rng": jax.random.fold_in(key, 1)} if self.task_uses_rng else {}
+            loss, aux = self.task.loss(model, batch, train=True, **extra)
             _, _, _, new_other = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return loss, (aux, new_other)
 
@@ -399,7 +425,8 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     local_batch = config.batch_size // n_proc
     length = config.data.length or None
 
-    trainer = Trainer(config, mesh, config.num_steps)
+    trainer = Trainer(config, mesh, config.num_steps,
+                      steps_per_epoch=max(1, manifest.count("train") // config.batch_size))
     trainer.task.bind_labels(manifest.label_names)
     idx = label_indices(manifest, trainer.task)
     buckets = tuple(config.data.buckets)
@@ -436,7 +463,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
                 target=config.init.target or None)
         # Fine-tunes reuse the statistics their base model was trained with (SpectraFM,
         # label standardisation); a fresh model takes them from this train split.
-        trainer.task.fit_state(manifest.stats.get("labels", {}))
+        trainer.task.fit_state(manifest.stats.get("labels", {}), data_dir)
         trainer.task.load_state(pretrained_task_state)
     start = int(state["step"])
 

@@ -200,3 +200,33 @@ def iter_mixture(name: str, n: int, seed: int = 0, chunk: int = CHUNK) -> Iterat
                     rec["wavelength"] = d["wavelength"]
                 records.append(rec)
             yield records
+
+
+# ------------------------------------------------------------------------------------------------
+# APOGEE-like stars for SpectraFM: the same stars as clean synthetic spectra or real-like ones
+# ------------------------------------------------------------------------------------------------
+APOGEE_LABELS = ("TEFF", "LOGG", "O_FE", "MG_FE", "FE_H")
+APOGEE_SETS = {"apogee_clean": "clean", "apogee_real": "real_like"}
+
+
+def apogee_label_names() -> list[str]:
+    return list(APOGEE_LABELS) + [f"{n}_ERR" for n in APOGEE_LABELS]
+
+
+def iter_apogee(name: str, n: int, seed: int = 0, chunk: int = CHUNK) -> Iterator[list[dict]]:
+    """Records of ``n`` simulated APOGEE stars (:func:`spectrax.data.sim_stars.simulate_apogee_stars`)
+    in version ``APOGEE_SETS[name]``: normalised flux, ivar, mask, the 7514-pixel grid as a
+    descriptor, labels :func:`apogee_label_names`. The same (n, seed) gives the same stars (same
+    labels) in both versions: the synthetic gap of SpectraFM's paper."""
+    from spectrax.data import sim_stars
+
+    if name not in APOGEE_SETS:
+        raise ValueError(f"unknown APOGEE set {name!r}; known: {sorted(APOGEE_SETS)}")
+    desc = describe_grid(sg.apogee_wavelength())
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        d = sim_stars.simulate_apogee_stars(m, seed, start=start, version=APOGEE_SETS[name])
+        labels = np.stack([d[k] for k in APOGEE_LABELS]
+                          + [d[f"{k}_ERR"] for k in APOGEE_LABELS], 1).astype(np.float32)
+        yield [{"flux": d["flux"][i], "ivar": d["ivar"][i], "mask": d["mask"][i], "grid": desc,
+                "labels": labels[i], "id": int(d["id"][i])} for i in range(m)]

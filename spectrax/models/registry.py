@@ -46,12 +46,30 @@ def _tokenizer_adapted(m, rngs):
         rngs=rngs)
 
 
+def _vit(m, rngs):
+    from spectrax.models import vit
+    return vit.build(m, rngs, m.num_outputs or 3)
+
+
+def _transformer1d(m, rngs):
+    from spectrax.models import transformer1d
+    return transformer1d.build(m, rngs, m.num_outputs or 1)
+
+
+def _window_mlp(m, rngs):
+    from spectrax.models import mlp
+    return mlp.build(m, rngs, m.num_outputs or 1)
+
+
 BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
     "spectrafm": _spectrafm,
     "specpt_autoencoder": _specpt_autoencoder,
     "specpt_redshift": _specpt_redshift,
     "tokenizer": _tokenizer,
     "tokenizer_adapted": _tokenizer_adapted,
+    "vit": _vit,
+    "transformer1d": _transformer1d,
+    "window_mlp": _window_mlp,
 }
 
 
