@@ -323,3 +323,73 @@ def spectrafm_mlp_fe_100(arg: str | None) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
     c.batch_size, c.num_steps = 20, (a.steps or 500)
     return c.lock()
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectra as images: ViT-B/16 (configs/vit_*.py) and the 1D transformer baseline
+# ----------------------------------------------------------------------------------------------
+SLOMOST_BUCKETS = (4640,)  # SDSS (≤ 4611 px) and LAMOST (~3909 px) spectra in one bucket
+
+
+def vit_config(kind: str, arg: str | None) -> ml_collections.ConfigDict:
+    """ViT fine-tuned on spectra rendered as images inside the model (SPECS.md §2), on simulated
+    SDSS-like and LAMOST-like spectra. ``kind``: classify (galaxy / QSO / star), redshift
+    (galaxies and quasars), stellar (``label=teff|logg|feh`` of stars).
+
+    Arguments: ``variant`` b16 (default; 85,798,656 backbone parameters) | b16_timm | tiny;
+    ``representation`` simple | overlap | map2d (default) | map2dnormal | map2dnormaldev;
+    ``fill_order`` standard | boustrophedon; ``label`` for stellar. Pretrained weights:
+    ``--config.model.init_from=<timm/HF ViT-B/16 file>`` (see spectrax.convert_weights).
+    """
+    a = parse_arg(arg, variant="b16", representation="map2d", fill_order="standard",
+                  label="teff", steps=0)
+    c = base_config()
+    c.name = f"vit_{kind}" + (f"_{a.label}" if kind == "stellar" else "")
+    c.model.name = "vit"
+    c.model.variant = a.variant
+    c.model.representation = a.representation
+    c.model.init_from = ""
+    c.model.freeze_backbone = False
+    # Inputs are median-normalised, so the per-spectrum min–max colour scale replaces the paper's
+    # fixed vmin/vmax (which assume SDSS flux units); longer spectra are cut as SPECS describes.
+    c.model.render = ml_collections.ConfigDict(dict(
+        map_scale="minmax", fit="truncate", fill_order=a.fill_order))
+    c.data.buckets = SLOMOST_BUCKETS
+    c.data.n_train, c.data.n_val, c.data.n_test = 3000, 200, 1000
+    if kind == "classify":
+        c.task, c.model.num_outputs, c.data.simulator = "classification", 3, "slomost"
+    elif kind == "redshift":
+        c.task, c.model.num_outputs, c.data.simulator = "regression", 1, "slomost_z"
+        c.task_kwargs.labels = ("z",)
+    elif kind == "stellar":
+        c.task, c.model.num_outputs, c.data.simulator = "regression", 1, "slomost_stars"
+        c.task_kwargs.labels = (a.label,)
+    else:
+        raise ValueError(f"unknown ViT task {kind!r}")
+    # The reference fine-tunes with AdamW at a small learning rate.
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps, c.optim.weight_decay = \
+        (1e-4 if a.variant.startswith("b16") else 1e-3), "cosine", 50, 0.05
+    c.batch_size = 32 if a.variant.startswith("b16") else 16
+    c.num_steps = a.steps or (2000 if a.variant.startswith("b16") else 300)
+    c.eval_batch_size = 32
+    return c.lock()
+
+
+def transformer1d_redshift(arg: str | None) -> ml_collections.ConfigDict:
+    """The paper's 1D transformer baseline on the SAME data as ``vit_redshift`` (so the
+    "2D map vs 1D transformer" comparison runs side by side). Variants: small (default; 8-pixel
+    tokens on CPU), paper (one token per pixel, width 512, 6 layers), tiny."""
+    a = parse_arg(arg, variant="small", steps=0)
+    c = base_config()
+    c.name = "transformer1d_redshift"
+    c.task = "regression"
+    c.task_kwargs.labels = ("z",)
+    c.model.name = "transformer1d"
+    c.model.variant = a.variant
+    c.model.num_outputs = 1
+    c.data.simulator = "slomost_z"
+    c.data.buckets = SLOMOST_BUCKETS
+    c.data.n_train, c.data.n_val, c.data.n_test = 3000, 200, 1000
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 5e-4, "cosine", 50
+    c.batch_size, c.num_steps = 32, (a.steps or 600)
+    return c.lock()

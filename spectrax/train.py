@@ -457,6 +457,8 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     else:
         state = trainer.init_state()
         pretrained_task_state = None
+        if config.model.get("init_from"):
+            state = load_backbone_weights(state, trainer, config.model.init_from)
         if config.init.from_workdir:
             state, pretrained_task_state = load_pretrained(
                 state, trainer, config.init.from_workdir, config.init.prefix,
@@ -682,6 +684,18 @@ def load_pretrained(state, trainer, from_workdir: str, prefix: str, target: str 
     if task_state and meta.get("task") != trainer.config.task:
         task_state = None  # another task's statistics mean nothing here
     return new, task_state
+
+
+def load_backbone_weights(state, trainer, path: str):
+    """Loads a timm / Hugging Face ViT-B/16 checkpoint file into the model's ``backbone``
+    (:mod:`spectrax.convert_weights`); mismatched tensors are listed in the error."""
+    from spectrax import convert_weights
+
+    model = trainer.model(state)
+    report = convert_weights.load_pretrained_vit(model.backbone, path)
+    _, params, _, _ = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    print(f"backbone initialised from {path}: {report}", flush=True)
+    return {**state, "params": jax.device_put(params, trainer.state_shardings["params"])}
 
 
 def _strip_value(tree):

@@ -60,6 +60,10 @@ MIXTURES: dict[str, tuple[Component, ...]] = {
     "slomost": (Component("sdss", "GALAXY", 0.2), Component("sdss", "QSO", 0.15),
                 Component("sdss", "STAR", 0.15), Component("lamost", "GALAXY", 0.15),
                 Component("lamost", "QSO", 0.1), Component("lamost", "STAR", 0.25)),
+    # Redshifts of SDSS- and LAMOST-like galaxies and quasars; stars of the same surveys.
+    "slomost_z": (Component("sdss", "GALAXY", 0.35), Component("sdss", "QSO", 0.25),
+                  Component("lamost", "GALAXY", 0.25), Component("lamost", "QSO", 0.15)),
+    "slomost_stars": (Component("sdss", "STAR", 0.5), Component("lamost", "STAR", 0.5)),
     # Stellar parameters from APOGEE-like (real-like) spectra.
     "apogee_stars": (Component("apogee", "STAR", 1.0),),
 }

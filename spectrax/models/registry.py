@@ -47,8 +47,17 @@ def _tokenizer_adapted(m, rngs):
 
 
 def _vit(m, rngs):
+    """ViT-B/16 (or 'tiny') on spectra rendered on the fly as ``m.representation`` images."""
+    import functools
+
+    from spectrax import render
     from spectrax.models import vit
-    return vit.build(m, rngs, m.num_outputs or 3)
+    model = vit.build(m, rngs, m.num_outputs or 3)
+    if m.get("representation"):
+        options = m.render.to_dict() if m.get("render") is not None else {}
+        model.renderer = functools.partial(render.render, m.representation,
+                                           config=render.RenderConfig(**options))
+    return model
 
 
 def _transformer1d(m, rngs):
