@@ -45,21 +45,21 @@ class SpectraFMTask(Task):
         ("FE_H",) for the stage-3 fine-tune).
       pixel_range: (first, stop) pixel indices of the full grid the model may use; (0, 0) =
         all (stage 2: (0, 3757); stage 3: (4107, 4619)).
-      context: tokens per forward pass (512).
+      context: tokens per forward pass; None = the model's context length (512 in the paper).
       chunk_seed: seed of the chunked-inference permutation.
     """
 
     uses_rng = True
 
     def __init__(self, labels: tuple[str, ...] = fm.LABEL_NAMES,
-                 pixel_range: tuple[int, int] = (0, 0), context: int = 512,
+                 pixel_range: tuple[int, int] = (0, 0), context: int | None = None,
                  chunk_seed: int = 0):
         unknown = sorted(set(labels) - set(fm.LABEL_NAMES))
         if unknown:
             raise ValueError(f"SpectraFM knows labels {fm.LABEL_NAMES}; cannot request {unknown}")
         self.labels = tuple(labels)
         self.pixel_range = tuple(int(p) for p in pixel_range)
-        self.context = int(context)
+        self.context = None if context is None else int(context)
         self.chunk_seed = int(chunk_seed)
         self.label_names = self.labels
         self.has_errors = False
@@ -131,6 +131,9 @@ class SpectraFMTask(Task):
         mad = jnp.array([self.stats["label_mad"][n] for n in self.labels], jnp.float32)
         return med, mad
 
+    def context_of(self, model) -> int:
+        return self.context or model.cfg.context_length
+
     @staticmethod
     def _request_ids(model, names):
         ids = model.cfg.label_token_ids
@@ -140,7 +143,7 @@ class SpectraFMTask(Task):
         key = jax.random.key(0) if rng is None else rng  # evaluation: a fixed draw
         k_pix, k_lab = jax.random.split(key)
         z, ok = self._standardised(batch)
-        idx, tok_ok = fm.sample_pixels(k_pix, ok, self.context)
+        idx, tok_ok = fm.sample_pixels(k_pix, ok, self.context_of(model))
         values = jnp.where(tok_ok, jnp.take_along_axis(z, idx, axis=1), 0.0)
         wave = jnp.where(tok_ok, jnp.take_along_axis(batch.wavelength, idx, axis=1), 0.0)
         ids = jnp.where(tok_ok, model.cfg.pixel_token_id, fm.PADDING_TOKEN_ID)
@@ -164,17 +167,17 @@ class SpectraFMTask(Task):
                       / jnp.maximum(has.sum(), 1)}
 
     # -- chunked inference --------------------------------------------------------------------
-    def _chunks(self, z, ok, wavelength):
+    def _chunks(self, z, ok, wavelength, context: int):
         """Permuted range pixels cut into [C, B, context] chunks (values, wavelength, ok)."""
         length = z.shape[1]
         a, b = self.pixel_range if self.pixel_range[1] > self.pixel_range[0] else (0, length)
         order = a + fm.chunk_permutation(b - a, self.chunk_seed)
-        n_chunks = -(-order.size // self.context)
-        pad = n_chunks * self.context - order.size
+        n_chunks = -(-order.size // context)
+        pad = n_chunks * context - order.size
 
         def arrange(x, fill):
             x = jnp.pad(x[:, order], ((0, 0), (0, pad)), constant_values=fill)
-            return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, self.context), 1, 0)
+            return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, context), 1, 0)
 
         return arrange(z, 0.0), arrange(wavelength, 0.0), arrange(ok, False), order, n_chunks
 
@@ -183,7 +186,7 @@ class SpectraFMTask(Task):
         plus per-chunk attention [C, K, B, context] and the permutation when asked."""
         names = self.labels if names is None else tuple(names)
         z, ok = self._standardised(batch)
-        vals, wave, oks, order, _ = self._chunks(z, ok, batch.wavelength)
+        vals, wave, oks, order, _ = self._chunks(z, ok, batch.wavelength, self.context_of(model))
         requests = self._request_ids(model, names)
         b = z.shape[0]
 

@@ -492,6 +492,11 @@ class SpectraFM(nnx.Module):
         values = jnp.asarray(values, jnp.float32)
         token_ids = jnp.asarray(token_ids, jnp.int32)
         request_ids = jnp.asarray(request_ids, jnp.int32)
+        if values.shape[-1] > self.cfg.context_length:  # shapes are static: raises under jit too
+            raise ValueError(
+                f"{values.shape[-1]} tokens exceed the context of {self.cfg.context_length}; "
+                "longer spectra go through chunked inference (spectrafm.chunked_predict, or "
+                "SpectraFMTask.predict, which spectrax.predict uses)")
         key_mask = (token_ids != PADDING_TOKEN_ID) & jnp.isfinite(values)
         if _is_concrete(values, wavelength, token_ids, request_ids):
             self._check_inputs(wavelength, token_ids, request_ids, key_mask)
