@@ -130,6 +130,15 @@ def sanitize_record(record: Mapping[str, Any], where: str = "record") -> tuple[d
         wave_ok = np.isfinite(wave) & (wave > 0)
         counts["bad_wavelength"] = int(np.sum(~wave_ok & good))
         good = good & wave_ok  # a pixel without a wavelength carries no usable flux either
+        # Patches are runs of neighbouring pixels: a grid out of order would mix distant
+        # wavelengths in one token, so it is refused rather than silently embedded.
+        known = np.flatnonzero(wave_ok)
+        step = np.diff(wave[known])
+        if np.any(step <= 0):
+            i = int(known[1:][step <= 0][0])
+            raise SpectrumError(
+                f"{where}: 'wavelength' is not strictly increasing (pixel {i}: {wave[i]:g} Å "
+                f"after {wave[known[known < i][-1]]:g} Å); sort the spectrum first")
         clean["wavelength"] = np.where(wave_ok, wave, PAD_WAVELENGTH).astype(np.float32)
     clean["flux"] = np.where(good, flux, 0.0).astype(np.float32)
     clean["ivar"] = np.where(good, ivar, 0.0).astype(np.float32)

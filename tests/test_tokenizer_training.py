@@ -189,3 +189,46 @@ def test_pretrain_then_frozen_adaptation(tmp_path):
     meta = checkpoint.Checkpointer(st_dir).restore_raw()[1]
     stats = meta["task_state"]
     assert stats["label_names"] == ["teff", "logg", "feh"] and 3000 < stats["mean"][0] < 7000
+
+
+# --- bad input on native grids ---------------------------------------------------------------
+def test_padding_markers_inside_the_data_are_masked_and_counted():
+    from spectrax.spectra import sanitize_record
+    wave = np.linspace(4000, 5000, 64)
+    wave[[10, 11]] = -1.0   # padding markers in the middle
+    wave[20] = -300.0       # a negative wavelength
+    clean, counts = sanitize_record({"flux": np.ones(64), "ivar": np.ones(64),
+                                     "wavelength": wave}, where="f.fits row 3")
+    assert counts["bad_wavelength"] == 3
+    assert not clean["mask"][[10, 11, 20]].any() and clean["mask"].sum() == 61
+    assert np.all(clean["wavelength"][[10, 11, 20]] == -1)
+
+
+def test_unsorted_wavelengths_are_refused_naming_the_record():
+    from spectrax.spectra import sanitize_record
+    wave = np.linspace(4000, 5000, 64)
+    wave[[30, 31]] = wave[[31, 30]]
+    with pytest.raises(SpectrumError, match=r"f.fits row 3: 'wavelength' is not strictly "
+                                            r"increasing \(pixel 31"):
+        sanitize_record({"flux": np.ones(64), "ivar": np.ones(64), "wavelength": wave},
+                        where="f.fits row 3")
+
+
+def test_spectrum_shorter_than_one_patch_and_all_bad_patches_stay_finite():
+    import jax
+    from flax import nnx
+
+    from spectrax.models.tokenizer import SpectralTokenizer, tokenizer_config
+    model = SpectralTokenizer(tokenizer_config("tiny"), rngs=nnx.Rngs(0))
+    # 20 of 32 pixels: the patch rule (bad when >= half its pixels are bad or padding) keeps
+    # it; a spectrum under 16 pixels would have no valid token at all.
+    flux = np.ones((2, 20), np.float32)
+    mask = np.ones((2, 20), bool)
+    mask[1] = False                            # a patch with no valid pixel
+    wave = np.tile(np.linspace(4000, 4010, 20, dtype=np.float32), (2, 1))
+    out = model(flux, mask, wave, ivar=np.ones_like(flux))
+    assert out.tokens.shape[1] == 1 and out.token_mask.tolist() == [[True], [False]]
+    assert np.all(np.isfinite(np.asarray(out.reconstruction)))
+    assert np.isfinite(float(out.loss()))
+    grads = nnx.grad(lambda m: m(flux, mask, wave, ivar=np.ones_like(flux)).loss())(model)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
