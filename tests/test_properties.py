@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -16,7 +17,7 @@ from spectrax.data.grids import desi_wavelength
 from spectrax.data.preprocess import median_normalise
 from spectrax.data.readers.desi import merge_cameras
 from spectrax.models import specpt
-from spectrax.spectra import pad_batch_rows, sanitize_record, stack_records
+from spectrax.spectra import SpectrumError, pad_batch_rows, sanitize_record, stack_records
 
 SETTINGS = settings(max_examples=40, deadline=None)
 FEW = settings(max_examples=15, deadline=None)  # for properties that call jitted JAX code
@@ -164,6 +165,11 @@ def test_sanitize_record_gives_no_nan_and_counts_add_up(arrays):
     rec = {"flux": flux, "ivar": ivar, "mask": mask, "labels": [np.nan]}
     if wave is not None:
         rec["wavelength"] = wave
+        known = wave[np.isfinite(wave) & (wave > 0)]
+        if np.any(np.diff(known.astype(np.float64)) <= 0):  # out of order: refused by name
+            with pytest.raises(SpectrumError, match="prop: 'wavelength' is not strictly"):
+                sanitize_record(rec, "prop")
+            return
     clean, counts = sanitize_record(rec, "prop")
     for key in ("flux", "ivar") + (("wavelength",) if wave is not None else ()):
         assert np.all(np.isfinite(clean[key])), key
