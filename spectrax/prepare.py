@@ -271,13 +271,13 @@ def _ensure_base(data_cfg) -> Path:
         shards.read_manifest(path)  # a clear error if it is not a shard directory
         return path
     out = simulated_dir(data_cfg)
-    if (out / shards.MANIFEST).exists():
-        return out
     import jax
     from jax.experimental import multihost_utils
 
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not (out / shards.MANIFEST).exists():
         simulate_to_shards(data_cfg, out)
+    # Every process joins the barrier, whether or not it found the data already there: one
+    # that skipped it would leave process 0 waiting forever.
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"spectrax simulated data {out}")
     return out

@@ -296,6 +296,28 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agreed(self, steps_this_run: int, boundary: bool) -> bool:
+        """Whether to save and exit after this step; with several processes, every process
+        gets the same answer at the same step (one saving while another steps would hang).
+
+        Once ``jax.distributed`` is initialised, SIGTERM reaches JAX's preemption notifier
+        instead of :meth:`_handle`; its sync protocol picks a step every process reaches, so
+        it is asked at every step, with a counter that starts at 1 in every run (a notice that
+        arrives before the first step sets the sync point to 1). The flag :meth:`_handle` sets
+        (SIGTERM before initialisation, or the preemption service turned off) is OR-reduced
+        over processes at ``boundary`` steps (log steps, which every process reaches).
+        """
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        try:
+            if multihost_utils.reached_preemption_sync_point(steps_this_run):
+                return True
+        except RuntimeError:  # jax_enable_preemption_service is off
+            pass
+        return boundary and bool(np.any(multihost_utils.process_allgather(
+            np.int32(self.requested))))
+
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -506,6 +528,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             "task_state": trainer.task.state()}
     bar = tqdm(total=config.num_steps, initial=start, desc=config.name, disable=not is_main,
                dynamic_ncols=True, mininterval=1.0)
+    stop = False  # SIGTERM: save after this step and exit (agreed by every process)
     for step in range(start, config.num_steps):
         if step > start:
             host_batch, batch = next_global()
@@ -519,7 +542,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             t_start = time.perf_counter()
         else:
             steps_timed += 1
-        if done % config.log_every == 0 or done == config.num_steps or preempt.requested:
+        stop = preempt.agreed(done - start, done % config.log_every == 0
+                              or done == config.num_steps)
+        if done % config.log_every == 0 or done == config.num_steps or stop:
             logged = jax.device_get(pending)
             pending = []
             _check_finite(state, config, recent_ids)
@@ -540,9 +565,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
                           config, idx)
             logger.write({"step": done, "eval_loss": ev["loss"],
                           **{f"val_{k}": v for k, v in ev["metrics"].items()}})
-        if done % config.ckpt_every == 0 or done == config.num_steps or preempt.requested:
+        if done % config.ckpt_every == 0 or done == config.num_steps or stop:
             ckpt.save(done, state, data_iter.get_state(), meta, force=True)
-        if preempt.requested:
+        if stop:
             ckpt.wait()
             bar.close()
             print(f"SIGTERM: saved checkpoint at step {done}; exiting (restart to resume).",
@@ -553,7 +578,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     jax.block_until_ready(state)
     train_seconds = time.perf_counter() - t_start - compile_in_loop if t_start else 0.0
     ckpt.wait()
-    if preempt.requested:  # arrived after the last step: its checkpoint is saved; skip eval
+    # Arrived after the last step: its checkpoint is saved; skip eval (several processes: only
+    # if agreed at the last step, else every process evaluates).
+    if stop or (n_proc == 1 and preempt.requested):
         print(f"SIGTERM: checkpoint at step {config.num_steps} is saved; exiting before the "
               "final evaluation (restart to run it).", flush=True)
         ckpt.close()
