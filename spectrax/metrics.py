@@ -122,6 +122,62 @@ def redshift_success_rate(z_true: Any, z_pred: Any, is_qso: Any, valid: Any = No
     return float(np.mean(np.abs(zt - zp) < tol * (1.0 + zt)))
 
 
+# S/N bins of the per-bin success table: edges of median per-pixel S/N (last bin open).
+SNR_BIN_EDGES = (0.0, 3.0, 5.0, 10.0, 20.0, 50.0, np.inf)
+
+
+def median_snr(flux: Any, ivar: Any, mask: Any) -> np.ndarray:
+    """Median per-pixel S/N (flux · sqrt(ivar)) over each spectrum's valid pixels, as SDSS's
+    SN_MEDIAN. flux, ivar, mask: [N, L]; returns [N] float64, NaN for a spectrum without valid
+    pixels."""
+    flux, ivar = np.asarray(flux, np.float64), np.asarray(ivar, np.float64)
+    ok = np.asarray(mask, bool) & (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
+    snr = np.where(ok, flux * np.sqrt(np.where(ok, ivar, 0.0)), np.nan)
+    out = np.full(snr.shape[0], np.nan)
+    has = ok.any(axis=1)
+    if has.any():
+        out[has] = np.nanmedian(snr[has], axis=1)
+    return out
+
+
+def success_by_snr(z_true: Any, z_pred: Any, is_qso: Any, snr: Any,
+                   edges: tuple[float, ...] = SNR_BIN_EDGES) -> list[dict[str, Any]]:
+    """The per-S/N-bin redshift table (SPECS.md §2): for each bin [lo, hi) of median S/N, the
+    count, the success rate (|Δz| < 1000 km/s·(1+z) for galaxies and stars, 3000 km/s for
+    QSOs, see :func:`redshift_success_rate`), NMAD and outlier fraction; a last row "all".
+    Spectra whose S/N is NaN (no valid pixel) only count in "all". Empty bins are listed with
+    n = 0 and None rates, so every table has the same rows."""
+    zt, zp, qso, sn = _select("success_by_snr", {"z_true": z_true, "z_pred": z_pred,
+                                                 "is_qso": is_qso, "snr": snr}, dtype=None)
+    zt, zp = zt.astype(np.float64), zp.astype(np.float64)
+    sn = sn.astype(np.float64)
+    if not (np.isfinite(zt).all() and np.isfinite(zp).all()):
+        raise ValueError("success_by_snr: non-finite redshifts; select valid rows first")
+    rows = []
+    bins = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:])] + [(None, None)]
+    for lo, hi in bins:
+        sel = np.ones_like(zt, bool) if lo is None else (sn >= lo) & (sn < hi)
+        n = int(sel.sum())
+        label = "all" if lo is None else (f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}")
+        row = {"snr_bin": label, "n": n, "n_qso": int(qso[sel].astype(bool).sum()),
+               "success": None, "nmad": None, "eta": None}
+        if n:
+            row.update(success=redshift_success_rate(zt[sel], zp[sel], qso[sel].astype(bool)),
+                       nmad=nmad(zt[sel], zp[sel]), eta=outlier_fraction(zt[sel], zp[sel]))
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A list of equal-keyed dicts as a markdown table (floats to 4 significant digits)."""
+    keys = list(rows[0])
+    fmt = lambda v: ("n/a" if v is None else f"{v:.4g}" if isinstance(v, float)  # noqa: E731
+                     else str(v))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def redshift_metrics(z_true: Any, z_pred: Any, valid: Any = None) -> dict[str, float]:
     """{"nmad", "eta", "r2", "rmse", "n"} for one set of redshift predictions (n is an int)."""
     zt, zp = _select("redshift_metrics", {"z_true": z_true, "z_pred": z_pred}, valid)

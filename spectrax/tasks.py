@@ -175,17 +175,39 @@ class RedshiftTask(Task):
         v = out["valid"] & out["label_mask"][:, 0]
         if not v.any():
             return {"n": 0}
-        return M.redshift_metrics(out["labels"][:, 0], out["z_pred"], valid=v)
+        res: dict[str, Any] = M.redshift_metrics(out["labels"][:, 0], out["z_pred"], valid=v)
+        table = _success_table(out, v, out["labels"][v, 0], out["z_pred"][v])
+        if table is not None:
+            res["success"], res["success_by_snr"] = table[-1]["success"], table
+        return res
 
     def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
         from spectrax import plots
         v = out["valid"] & out["label_mask"][:, 0]
         z, zp = out["labels"][v, 0], out["z_pred"][v]
-        return [plots.redshift_scatter(z, zp, workdir / "z_pred_vs_true.png"),
-                plots.redshift_residuals(z, zp, workdir / "z_residuals.png")]
+        paths = [plots.redshift_scatter(z, zp, workdir / "z_pred_vs_true.png"),
+                 plots.redshift_residuals(z, zp, workdir / "z_residuals.png")]
+        table = _success_table(out, v, z, zp)
+        if table is not None:
+            paths.append(workdir / "z_success_by_snr.md")
+            paths[-1].write_text("Redshift success per median-S/N bin (|Δz| < 1000 km/s·(1+z), "
+                                 "3000 km/s for QSOs)\n\n" + M.format_table(table))
+        return paths
 
     def catalogue(self, out) -> dict[str, np.ndarray]:
         return {"Z_PRED": out["z_pred"]}
+
+
+def _success_table(out, rows, z_true, z_pred):
+    """The per-S/N-bin success table of the redshift predictions of ``rows`` (None without the
+    evaluation's ``snr`` context). QSOs (class id 1, from ``context_class``) get the 3000 km/s
+    threshold; without a class column every spectrum is judged by the 1000 km/s one."""
+    if "snr" not in out or not np.any(rows):
+        return None
+    cls = out.get("context_class")
+    is_qso = (np.nan_to_num(cls[rows], nan=-1) == CLASS_NAMES.index("QSO")) if cls is not None \
+        else np.zeros(int(np.sum(rows)), bool)
+    return M.success_by_snr(z_true, z_pred, is_qso, out["snr"][rows])
 
 
 def _valid_rows(out) -> np.ndarray:
@@ -408,6 +430,10 @@ class RegressionTask(Task):
                         f"n_{name}": int(v.sum())})
             if name == "z":
                 res.update({f"z_{k2}": v2 for k2, v2 in M.redshift_metrics(y, yp).items()})
+                table = _success_table(out, v, y, yp)
+                if table is not None:
+                    res["z_success"] = table[-1]["success"]
+                    res["z_success_by_snr"] = table
             if name.lower() in ("feh", "fe_h"):  # SpectraFM's stage-3 evaluation
                 poor = y < -1.0
                 if poor.any():
@@ -418,8 +444,18 @@ class RegressionTask(Task):
     def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
         from spectrax import plots
         v = _valid_rows(out)[:, None] & out["label_mask"]
-        return [plots.label_scatter(out["labels"], out["pred"], v, self.label_names,
-                                    workdir / "labels_pred_vs_true.png")]
+        paths = [plots.label_scatter(out["labels"], out["pred"], v, self.label_names,
+                                     workdir / "labels_pred_vs_true.png")]
+        if "z" in self.label_names:
+            k = self.label_names.index("z")
+            rows = _valid_rows(out) & out["label_mask"][:, k]
+            table = _success_table(out, rows, out["labels"][rows, k], out["pred"][rows, k])
+            if table is not None:
+                path = workdir / "z_success_by_snr.md"
+                path.write_text("Redshift success per median-S/N bin (|Δz| < 1000 km/s·(1+z), "
+                                "3000 km/s for QSOs)\n\n" + M.format_table(table))
+                paths.append(path)
+        return paths
 
     def catalogue(self, out) -> dict[str, np.ndarray]:
         return {f"{name.upper()}_PRED": out["pred"][:, k]

@@ -193,11 +193,11 @@ class SpectraFMTask(Task):
         def one_chunk(args):
             v, w, o = args
             ids = jnp.where(o, model.cfg.pixel_token_id, fm.PADDING_TOKEN_ID)
-            outs = []
-            for r in requests:
-                res = model(v, jnp.where(o, w, 0.0), ids, jnp.full((b,), r, jnp.int32),
-                            train=False, return_attention=return_attention)
-                outs.append(res)
+            # The encoder does not see the request: encode the chunk once, decode each label.
+            memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False,
+                                            request_ids=jnp.full((b,), requests[0], jnp.int32))
+            outs = [model.decode(memory, key_mask, jnp.full((b,), r, jnp.int32), train=False,
+                                 return_attention=return_attention) for r in requests]
             preds = jnp.stack([o_[0] for o_ in outs], 1)
             sig = jnp.exp(0.5 * jnp.stack([o_[1] for o_ in outs], 1))
             att = jnp.stack([o_[2] for o_ in outs], 0) if return_attention else None

@@ -263,3 +263,30 @@ def test_perfect_prediction(z):
     # R² is nan exactly when Σ(z − z̄)² is 0 in floating point (constant z, or spreads so tiny,
     # e.g. subnormal, that their squares underflow).
     assert r == 1.0 or (math.isnan(r) and np.sum((z - z.mean()) ** 2) == 0)
+
+
+def test_success_by_snr_hand_computed():
+    # Tolerances: galaxy 0.00334·1.1 = 0.00367 (row 0 passes, row 1 fails); QSO 0.01001·2 =
+    # 0.02002 (row 2 passes, row 3 fails).
+    zt = np.array([0.1, 0.1, 1.0, 1.0])
+    zp = np.array([0.102, 0.104, 1.015, 1.03])
+    rows = M.success_by_snr(zt, zp, np.array([False, False, True, True]),
+                            np.array([2.0, 8.0, 8.0, 60.0]))
+    by = {r["snr_bin"]: r for r in rows}
+    assert [r["snr_bin"] for r in rows] == ["0-3", "3-5", "5-10", "10-20", "20-50", ">=50",
+                                            "all"]
+    assert by["0-3"]["success"] == 1.0 and by["0-3"]["n"] == 1
+    assert by["3-5"]["n"] == 0 and by["3-5"]["success"] is None
+    assert by["5-10"]["success"] == 0.5 and by["5-10"]["n_qso"] == 1
+    assert by[">=50"]["success"] == 0.0
+    assert by["all"]["success"] == 0.5 and by["all"]["n"] == 4
+    assert "| 5-10 | 2 | 1 | 0.5 |" in M.format_table(rows)
+
+
+def test_median_snr_uses_valid_pixels_only():
+    flux = np.array([[1.0, 2.0, 3.0, 100.0], [1.0, 1.0, 1.0, 1.0]])
+    ivar = np.array([[4.0, 4.0, 4.0, 4.0], [1.0, 0.0, 1.0, 1.0]])
+    mask = np.array([[True, True, True, False], [False, False, False, False]])
+    snr = M.median_snr(flux, ivar, mask)
+    assert snr[0] == pytest.approx(4.0)  # median of 2, 4, 6; the masked 100 is ignored
+    assert np.isnan(snr[1])

@@ -170,6 +170,7 @@ def test_nonfinite_update_is_skipped_and_stops_the_run(tmp_path):
     c = tiny_config(tmp_path, steps=4)
     c.unlock()
     c.optim.name, c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = "sgd", 1e38, 0.0, 0
+    c.optim.guard_update = True
     c.lock()
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 0"):
         train.train(c, tmp_path / "nan")
@@ -181,11 +182,26 @@ def test_skip_mode_keeps_parameters_finite(tmp_path):
     c = tiny_config(tmp_path, steps=2)
     c.unlock()
     c.optim.name, c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = "sgd", 1e38, 0.0, 0
+    c.optim.guard_update = True
     c.on_nonfinite = "skip"
     c.lock()
     train.train(c, tmp_path / "skip")
     for leaf in jax.tree_util.tree_leaves(_params(tmp_path / "skip")):
         assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_overflowing_update_without_guard_never_reaches_a_checkpoint(tmp_path):
+    """Without optim.guard_update an absurd learning rate makes the parameters non-finite; the
+    next step's non-finite loss is skipped, and the checkpoint writer refuses the state."""
+    c = tiny_config(tmp_path, steps=2)
+    c.unlock()
+    # 1e39 is inf in float32: every update is ±inf or NaN.
+    c.optim.name, c.optim.lr, c.optim.clip_norm, c.optim.warmup_steps = "sgd", 1e39, 0.0, 0
+    c.on_nonfinite = "skip"
+    c.lock()
+    with pytest.raises(FloatingPointError, match="parameters are non-finite at step 2"):
+        train.train(c, tmp_path / "noguard")
+    assert checkpoint.Checkpointer(tmp_path / "noguard").latest_step() is None
 
 
 def test_unknown_config_key_is_an_error_naming_it():

@@ -82,10 +82,33 @@ BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
 }
 
 
+def compute_dtype(name: str) -> str:
+    """``config.model.dtype`` resolved: ``'auto'`` is bfloat16 on accelerators (GPU, TPU: their
+    matmul units run bf16 at several times the fp32 rate) and float32 on CPU (no bf16 speed-up;
+    XLA:CPU emulates parts of it). Parameters, optimiser state and losses stay float32 either
+    way."""
+    if name != "auto":
+        return name
+    import jax
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
+
+
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Builds ``model_cfg.name`` (see :data:`BUILDERS`) with the config's variant/head."""
+    """Builds ``model_cfg.name`` (see :data:`BUILDERS`) with the config's variant/head.
+
+    Also applies ``model_cfg.attention`` (the attention implementation of every layer, see
+    :mod:`spectrax.nn.attention`) and resolves ``model_cfg.dtype='auto'`` (:func:`compute_dtype`).
+    """
+    from spectrax.nn.attention import set_default_implementation
+
     if model_cfg.name not in BUILDERS:
         raise ValueError(f"config.model.name={model_cfg.name!r}; known: {sorted(BUILDERS)}")
+    set_default_implementation(model_cfg.get("attention", "auto"))
+    dtype = compute_dtype(model_cfg.get("dtype", "float32"))
+    if dtype != model_cfg.get("dtype", "float32"):
+        model_cfg = model_cfg.copy_and_resolve_references()
+        with model_cfg.unlocked():
+            model_cfg.dtype = dtype
     return BUILDERS[model_cfg.name](model_cfg, rngs)
 
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectrax.nn.attention import MultiHeadAttention
+from spectrax.nn.attention import MultiHeadAttention, attend
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LABEL_NAMES = ("TEFF", "LOGG", "O_FE", "MG_FE", "FE_H")
@@ -299,7 +299,7 @@ class AttentionWithExtraKV(MultiHeadAttention):
     Parameters: q/k/v/out projections 4·D² + 4·D (inherited from
     :class:`spectrax.nn.MultiHeadAttention`) + bias_k, bias_v 2·D.
 
-    Dropout: as in the shared layer, on the attended values (``jax.nn.dot_product_attention`` has
+    Dropout: as in the shared layer, on the attended values (:func:`spectrax.nn.attend` has
     no attention-weight dropout); the reference drops attention weights instead.
     """
 
@@ -352,8 +352,7 @@ class AttentionWithExtraKV(MultiHeadAttention):
             attended = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(dtype)
             weights = probs.mean(axis=1)[..., :-1]
         else:
-            attended = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                                    implementation=self.implementation)
+            attended = attend(q, k, v, mask, implementation=self.implementation)
         attended = self.dropout(attended, deterministic=deterministic)
         out = self.out_proj(attended.reshape(attended.shape[:-2] + (self.embed_dim,)))
         return (out, weights) if return_weights else out
@@ -489,29 +488,64 @@ class SpectraFM(nnx.Module):
         embedded as padding (zero). Eagerly, bad ids and out-of-range wavelengths raise
         ValueError; under jit they cannot, so an unknown request id yields a NaN prediction.
         """
+        request_ids = jnp.asarray(request_ids, jnp.int32)
+        memory, key_mask = self.encode(values, wavelength, token_ids, train=train,
+                                       request_ids=request_ids)
+        return self.decode(memory, key_mask, request_ids, train=train,
+                           return_attention=return_attention)
+
+    def encode(self, values, wavelength, token_ids, *, train: bool = False, request_ids=None):
+        """The request-independent half of :meth:`__call__`: embedding + encoder blocks.
+
+        Chunked inference encodes each chunk once and decodes every requested label from the
+        same memory (:meth:`decode`), instead of running the encoder once per label.
+
+        Args: as :meth:`__call__` (``request_ids`` only for the eager checks).
+
+        Returns:
+          (memory [B, N, D] in the compute dtype, key_mask [B, N] bool).
+        """
         values = jnp.asarray(values, jnp.float32)
         token_ids = jnp.asarray(token_ids, jnp.int32)
-        request_ids = jnp.asarray(request_ids, jnp.int32)
         if values.shape[-1] > self.cfg.context_length:  # shapes are static: raises under jit too
             raise ValueError(
                 f"{values.shape[-1]} tokens exceed the context of {self.cfg.context_length}; "
                 "longer spectra go through chunked inference (spectrafm.chunked_predict, or "
                 "SpectraFMTask.predict, which spectrax.predict uses)")
         key_mask = (token_ids != PADDING_TOKEN_ID) & jnp.isfinite(values)
-        if _is_concrete(values, wavelength, token_ids, request_ids):
-            self._check_inputs(wavelength, token_ids, request_ids, key_mask)
+        requests = (jnp.zeros(values.shape[:1], jnp.int32) + next(iter(
+            self.cfg.label_token_ids.values())) if request_ids is None else request_ids)
+        if _is_concrete(values, wavelength, token_ids, requests):
+            self._check_inputs(wavelength, token_ids, requests, key_mask)
         # As in the reference: a bad value becomes a padding token (zero embedding, no PE).
         safe_ids = jnp.where(key_mask, token_ids, PADDING_TOKEN_ID)
         safe_values = jnp.where(key_mask, values, 0.0)
         safe_wavelength = jnp.where(key_mask, jnp.asarray(wavelength, jnp.float32), 0.0)
 
-        dtype = self.cfg.compute_dtype
-        deterministic = not train
-        x = self.embedding(safe_values, safe_wavelength, safe_ids).astype(dtype)
+        x = self.embedding(safe_values, safe_wavelength, safe_ids).astype(self.cfg.compute_dtype)
         for block in self.encoder:
-            x = block(x, x, key_mask, deterministic=deterministic)
-        query = self.embedding.request(request_ids)[:, None, :].astype(dtype)
-        pred, logvar, attention = self.decoder(query, x, key_mask, deterministic=deterministic,
+            x = block(x, x, key_mask, deterministic=not train)
+        return x, key_mask
+
+    def decode(self, memory, key_mask, request_ids, *, train: bool = False,
+               return_attention: bool = False):
+        """The request half of :meth:`__call__`: the request token through the decoder.
+
+        Args:
+          memory, key_mask: from :meth:`encode`.
+          request_ids: [B] int32 label token ids.
+
+        Returns: as :meth:`__call__`.
+        """
+        request_ids = jnp.asarray(request_ids, jnp.int32)
+        if _is_concrete(request_ids):
+            unknown = sorted(set(np.asarray(request_ids).ravel().tolist())
+                             - set(self.cfg.label_token_ids.values()))
+            if unknown:
+                raise ValueError(f"request_ids {unknown} are not label token ids of this model; "
+                                 f"known labels: {self.cfg.label_token_ids}")
+        query = self.embedding.request(request_ids)[:, None, :].astype(self.cfg.compute_dtype)
+        pred, logvar, attention = self.decoder(query, memory, key_mask, deterministic=not train,
                                                return_attention=return_attention)
         known = jnp.isin(request_ids, jnp.asarray(list(self.cfg.label_token_ids.values())))
         pred = jnp.where(known, pred.astype(jnp.float32), jnp.nan)
