@@ -61,15 +61,21 @@ def main(argv):
         m = _run(cfg, runs / cfg.name.replace(" ", "_"))
         rows.append({"model": name, "task": "redshift", "r2": m.get("z_r2"),
                      "nmad": m.get("z_nmad"), "outliers": m.get("z_eta"),
+                     "success": m.get("z_success"), "success_by_snr": m.get("z_success_by_snr"),
                      "train_spectra_per_s": m.get("train_spectra_per_s"),
                      "seconds": time.time() - t0})
     fmt = lambda x: "—" if x is None else f"{x:.3f}"
-    print("| model | task | accuracy | macro F1 | R² | NMAD | train spectra/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | task | accuracy | macro F1 | R² | NMAD | success | train spectra/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['task']} | {fmt(r.get('accuracy'))} | "
               f"{fmt(r.get('macro_f1'))} | {fmt(r.get('r2'))} | {fmt(r.get('nmad'))} | "
-              f"{fmt(r.get('train_spectra_per_s'))} |")
+              f"{fmt(r.get('success'))} | {fmt(r.get('train_spectra_per_s'))} |")
+    from spectrax.metrics import format_table
+    for r in rows:
+        if r.get("success_by_snr"):
+            print(f"\n{r['model']}: redshift success per median-S/N bin\n")
+            print(format_table(r["success_by_snr"]))
     with open(Path("benchmarks") / "results.jsonl", "a") as f:
         f.write(json.dumps({"benchmark": "representations", "rows": rows,
                             "steps": FLAGS.steps, "n_train": FLAGS.n_train,

@@ -22,6 +22,8 @@ from absl import app, flags
 flags.DEFINE_string("variant", "small", "SpectraFM variant of the runs.")
 flags.DEFINE_bool("train", False, "Train the runs that do not exist yet.")
 flags.DEFINE_string("runs", "runs", "Directory holding the run directories.")
+flags.DEFINE_integer("pretrain_steps", 0, "Stage-1 steps when training (0 = the config's).")
+flags.DEFINE_integer("finetune_steps", 0, "Stage-2 steps when training (0 = the config's).")
 flags.DEFINE_integer("scatter_spectra", 0, "Test stars for the scatter table (0 = all; the "
                      "chunked evaluation of 3757 pixels × 5 labels is slow on a CPU).")
 FLAGS = flags.FLAGS
@@ -69,12 +71,19 @@ def main(argv):
 
     v = FLAGS.variant
     arg = f"variant={v}"
+    runs = Path(FLAGS.runs)
+    steps = lambda n: f"{arg},steps={n}" if n else arg  # noqa: E731
     stages = {"mlp": (config_lib.spectrafm_mlp_fe_100(""), "spectrafm_mlp_fe_100"),
-              "pretrain": (config_lib.spectrafm_pretrain(arg), f"spectrafm_pretrain-{v}"),
-              "finetune_real": (config_lib.spectrafm_finetune_real(arg),
+              "pretrain": (config_lib.spectrafm_pretrain(steps(FLAGS.pretrain_steps)),
+                           f"spectrafm_pretrain-{v}"),
+              "finetune_real": (config_lib.spectrafm_finetune_real(steps(FLAGS.finetune_steps)),
                                 f"spectrafm_finetune_real-{v}"),
               "fe_100": (config_lib.spectrafm_fe_100(arg), f"spectrafm_fe_100-{v}")}
-    runs = Path(FLAGS.runs)
+    # Each stage starts from the previous stage's run in the same --runs directory.
+    for key, previous in (("finetune_real", "pretrain"), ("fe_100", "finetune_real")):
+        config = stages[key][0].unlock()
+        config.init.from_workdir = str(runs / stages[previous][1])
+        config.lock()
     for key in ("pretrain", "finetune_real", "fe_100", "mlp"):
         config, name = stages[key]
         if not (runs / name / "metrics.json").exists():
@@ -114,7 +123,8 @@ def main(argv):
     print(text)
     out = Path("benchmarks") / "results.jsonl"
     with out.open("a") as f:
-        f.write(json.dumps({"benchmark": "spectrafm_transfer", "variant": v,
+        f.write(json.dumps({"benchmark": "spectrafm_transfer", "variant": v, "runs": str(runs),
+                            "steps": {k: stages[k][0].num_steps for k in stages},
                             "fe_rows": rows, "scatter": {k: {kk: vv for kk, vv in m.items()
                                                              if "scatter" in kk}
                                                          for k, m in full.items()},

@@ -40,7 +40,7 @@ flags.DEFINE_string("out", "benchmarks/results.jsonl", "Where result rows are ap
 
 
 def machine() -> dict:
-    """The row fields benchmarks/throughput.py records (importing it would redefine flags)."""
+    """The machine fields of a results row (as benchmarks/run.py records them)."""
     import datetime
     import os
     import platform
