@@ -239,3 +239,27 @@ def test_decoder_layer_shapes_and_memory_mask():
 def test_unknown_activation_is_rejected():
     with pytest.raises(ValueError, match="activation"):
         TransformerEncoderLayer(8, 2, 16, activation="swish", rngs=nnx.Rngs(0))
+
+
+def test_model_config_resolves_dtype_and_attention():
+    """config.model.dtype 'auto' is float32 on this CPU (bfloat16 on GPU/TPU);
+    config.model.attention sets the implementation every attention layer uses."""
+    import ml_collections
+
+    from spectrax.models import registry
+    from spectrax.nn import attention
+
+    assert registry.compute_dtype("auto") == ("float32" if jax.default_backend() == "cpu"
+                                              else "bfloat16")
+    assert registry.compute_dtype("bfloat16") == "bfloat16"
+    cfg = ml_collections.ConfigDict({"name": "spectrafm", "variant": "tiny", "dtype": "auto",
+                                     "attention": "xla"})
+    try:
+        model = registry.build_model(cfg, rngs=nnx.Rngs(0))
+        assert attention.default_implementation() == "xla"
+        assert model.cfg.dtype in ("float32", jnp.float32)
+        cfg.attention = "flash"
+        with pytest.raises(ValueError, match="config.model.attention"):
+            registry.build_model(cfg, rngs=nnx.Rngs(0))
+    finally:
+        attention.set_default_implementation("auto")

@@ -69,6 +69,12 @@ def test_autoencoder_then_redshift_end_to_end(tmp_path):
     for key in ("nmad", "eta", "r2"):
         assert np.isfinite(result[key]), key
     assert (z_dir / "z_pred_vs_true.png").exists() and (z_dir / "z_residuals.png").exists()
+    # The per-S/N-bin success table: every test spectrum lands in one bin, counts add up.
+    table = result["success_by_snr"]
+    assert table[-1]["snr_bin"] == "all" and table[-1]["n"] == result["n"]
+    assert sum(r["n"] for r in table[:-1]) == result["n"]
+    assert result["success"] == table[-1]["success"]
+    assert "| all |" in (z_dir / "z_success_by_snr.md").read_text()
 
 
 def test_pretrained_encoder_is_copied_exactly(tmp_path):
