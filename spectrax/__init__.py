@@ -14,13 +14,20 @@ def _tune_xla_cpu() -> None:
     step; with the fusions off the step takes 0.66 s, and the tokenizer and SpectraFM steps
     are 7-17 % faster too (2-core x86 machine, 2026-11-23; benchmarks/RESULTS.md). The flag
     only concerns the CPU backend and is read when jax starts its backends, so importing spectrax
-    after jax has run a computation leaves it unset (set it yourself then). Opt out with
+    after jax has run a computation leaves it unset (set it yourself then). Only set for jaxlib
+    0.10.x (XLA refuses unknown flags; re-measure before extending). Opt out with
     ``SPECTRAX_KEEP_XLA_FLAGS=1``.
     """
     import os
+    from importlib import metadata
     flag = "--xla_cpu_experimental_ynn_fusion_type"
     flags = os.environ.get("XLA_FLAGS", "")
     if os.environ.get("SPECTRAX_KEEP_XLA_FLAGS") == "1" or flag in flags:
+        return
+    try:  # XLA aborts on a flag it does not know: only set it for the jaxlib it was tested with
+        if not metadata.version("jaxlib").startswith("0.10."):
+            return
+    except metadata.PackageNotFoundError:
         return
     os.environ["XLA_FLAGS"] = (flags + " " + flag + "=").strip()
 

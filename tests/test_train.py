@@ -243,3 +243,22 @@ def test_dry_run_prints_the_paper_count():
 def test_dry_run_redshift_heads(variant, total):
     counts = train.dry_run(specpt_redshift("bgs", f"variant={variant}"))
     assert counts["total"] == total
+
+
+def test_import_sets_the_xla_cpu_flag_unless_the_user_chose():
+    import subprocess
+    import sys
+    code = "import os, spectrax; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",
+                                                              "SPECTRAX_KEEP_XLA_FLAGS")}
+    run = lambda **extra: subprocess.run([sys.executable, "-c", code],  # noqa: E731
+                                         env={**env, **extra}, capture_output=True, text=True,
+                                         timeout=120).stdout.strip()
+    from importlib import metadata
+    if metadata.version("jaxlib").startswith("0.10."):
+        assert run() == "--xla_cpu_experimental_ynn_fusion_type="
+        assert run(XLA_FLAGS="--xla_force_host_platform_device_count=2") == (
+            "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=")
+    assert run(SPECTRAX_KEEP_XLA_FLAGS="1") == ""
+    mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    assert run(XLA_FLAGS=mine) == mine
