@@ -613,7 +613,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
               "eval_loss": ev["loss"], **ev["metrics"],
               "train_spectra_per_s": (steps_timed * config.batch_size / train_seconds
                                       if steps_timed else None),
-              "eval_spectra_per_s": ev["metrics"].get("n", 0) / max(eval_seconds, 1e-9),
+              # Every evaluated spectrum (tasks name their counts differently: n, n_z, ...).
+              "eval_spectra_per_s": int(np.sum(ev["outputs"]["valid"]))
+              / max(eval_seconds, 1e-9),
               "compile_seconds": compile_total, "devices": n_dev, "processes": n_proc,
               "platform": jax.devices()[0].platform, "workdir": str(workdir),
               **({"bucketing": plan.summary()} if plan is not None else {})}

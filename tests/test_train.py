@@ -75,6 +75,7 @@ def test_autoencoder_then_redshift_end_to_end(tmp_path):
     assert sum(r["n"] for r in table[:-1]) == result["n"]
     assert result["success"] == table[-1]["success"]
     assert "| all |" in (z_dir / "z_success_by_snr.md").read_text()
+    assert result["eval_spectra_per_s"] > 0
 
 
 def test_pretrained_encoder_is_copied_exactly(tmp_path):
