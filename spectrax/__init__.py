@@ -12,7 +12,8 @@ def _tune_xla_cpu() -> None:
     In jaxlib 0.10 they route large reductions through a slow kernel: the gradient-norm reduction
     of SpecPT 'small' (a 7792 × 7781 kernel, for clipping) alone took ~1.0 s of a 1.7 s training
     step; with the fusions off the step takes 0.66 s, and the tokenizer and SpectraFM steps
-    are 7-17 % faster too (2-core x86 machine, 2026-11-23; benchmarks/RESULTS.md). The flag
+    are 7-17 % faster too (2-core x86 machine, 2026-11-23, jax.profiler traces of the step
+    with the flag on and off; benchmarks/RESULTS.md has the resulting step times). The flag
     only concerns the CPU backend and is read when jax starts its backends, so importing spectrax
     after jax has run a computation leaves it unset (set it yourself then). Only set for jaxlib
     0.10.x (XLA refuses unknown flags; re-measure before extending). Opt out with

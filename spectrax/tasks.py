@@ -189,9 +189,7 @@ class RedshiftTask(Task):
                  plots.redshift_residuals(z, zp, workdir / "z_residuals.png")]
         table = _success_table(out, v, z, zp)
         if table is not None:
-            paths.append(workdir / "z_success_by_snr.md")
-            paths[-1].write_text("Redshift success per median-S/N bin (|Δz| < 1000 km/s·(1+z), "
-                                 "3000 km/s for QSOs)\n\n" + M.format_table(table))
+            paths.append(_write_success_table(table, workdir))
         return paths
 
     def catalogue(self, out) -> dict[str, np.ndarray]:
@@ -208,6 +206,14 @@ def _success_table(out, rows, z_true, z_pred):
     is_qso = (np.nan_to_num(cls[rows], nan=-1) == CLASS_NAMES.index("QSO")) if cls is not None \
         else np.zeros(int(np.sum(rows)), bool)
     return M.success_by_snr(z_true, z_pred, is_qso, out["snr"][rows])
+
+
+def _write_success_table(table, workdir: Path) -> Path:
+    """Writes :func:`_success_table`'s rows as ``workdir/z_success_by_snr.md``."""
+    path = workdir / "z_success_by_snr.md"
+    path.write_text("Redshift success per median-S/N bin (|Δz| < 1000 km/s·(1+z), 3000 km/s "
+                    "for QSOs)\n\n" + M.format_table(table))
+    return path
 
 
 def _valid_rows(out) -> np.ndarray:
@@ -451,10 +457,7 @@ class RegressionTask(Task):
             rows = _valid_rows(out) & out["label_mask"][:, k]
             table = _success_table(out, rows, out["labels"][rows, k], out["pred"][rows, k])
             if table is not None:
-                path = workdir / "z_success_by_snr.md"
-                path.write_text("Redshift success per median-S/N bin (|Δz| < 1000 km/s·(1+z), "
-                                "3000 km/s for QSOs)\n\n" + M.format_table(table))
-                paths.append(path)
+                paths.append(_write_success_table(table, workdir))
         return paths
 
     def catalogue(self, out) -> dict[str, np.ndarray]:

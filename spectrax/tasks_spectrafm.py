@@ -194,8 +194,7 @@ class SpectraFMTask(Task):
             v, w, o = args
             ids = jnp.where(o, model.cfg.pixel_token_id, fm.PADDING_TOKEN_ID)
             # The encoder does not see the request: encode the chunk once, decode each label.
-            memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False,
-                                            request_ids=jnp.full((b,), requests[0], jnp.int32))
+            memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False)
             outs = [model.decode(memory, key_mask, jnp.full((b,), r, jnp.int32), train=False,
                                  return_attention=return_attention) for r in requests]
             preds = jnp.stack([o_[0] for o_ in outs], 1)

@@ -453,17 +453,13 @@ class SpectraFM(nnx.Module):
         self.encoder = _blocks(cfg, cfg.encoder_heads, cfg.encoder_ffn, rngs)
         self.decoder = SpectraFMDecoder(cfg, rngs=rngs)
 
-    def _check_inputs(self, wavelength, token_ids, request_ids, key_mask):
-        """Eager-only checks (on concrete arrays); under jit see :meth:`__call__`."""
+    def _check_inputs(self, wavelength, token_ids, key_mask):
+        """Eager-only checks of the encoder inputs (on concrete arrays); under jit see
+        :meth:`__call__`."""
         ids = np.asarray(token_ids)
         if ids.min(initial=0) < 0 or ids.max(initial=0) >= self.cfg.num_token_ids:
             raise ValueError(f"token_ids must lie in 0..{self.cfg.num_token_ids - 1}, got "
                              f"{ids.min()}..{ids.max()}")
-        known = self.cfg.label_token_ids
-        unknown = sorted(set(np.asarray(request_ids).ravel().tolist()) - set(known.values()))
-        if unknown:
-            raise ValueError(f"request_ids {unknown} are not label token ids of this model; "
-                             f"known labels: {known}")
         check_wavelength_range(np.where(np.asarray(key_mask), np.asarray(wavelength), 0.0),
                                self.cfg)
 
@@ -489,18 +485,17 @@ class SpectraFM(nnx.Module):
         ValueError; under jit they cannot, so an unknown request id yields a NaN prediction.
         """
         request_ids = jnp.asarray(request_ids, jnp.int32)
-        memory, key_mask = self.encode(values, wavelength, token_ids, train=train,
-                                       request_ids=request_ids)
+        memory, key_mask = self.encode(values, wavelength, token_ids, train=train)
         return self.decode(memory, key_mask, request_ids, train=train,
                            return_attention=return_attention)
 
-    def encode(self, values, wavelength, token_ids, *, train: bool = False, request_ids=None):
+    def encode(self, values, wavelength, token_ids, *, train: bool = False):
         """The request-independent half of :meth:`__call__`: embedding + encoder blocks.
 
         Chunked inference encodes each chunk once and decodes every requested label from the
         same memory (:meth:`decode`), instead of running the encoder once per label.
 
-        Args: as :meth:`__call__` (``request_ids`` only for the eager checks).
+        Args: as :meth:`__call__`.
 
         Returns:
           (memory [B, N, D] in the compute dtype, key_mask [B, N] bool).
@@ -513,10 +508,8 @@ class SpectraFM(nnx.Module):
                 "longer spectra go through chunked inference (spectrafm.chunked_predict, or "
                 "SpectraFMTask.predict, which spectrax.predict uses)")
         key_mask = (token_ids != PADDING_TOKEN_ID) & jnp.isfinite(values)
-        requests = (jnp.zeros(values.shape[:1], jnp.int32) + next(iter(
-            self.cfg.label_token_ids.values())) if request_ids is None else request_ids)
-        if _is_concrete(values, wavelength, token_ids, requests):
-            self._check_inputs(wavelength, token_ids, requests, key_mask)
+        if _is_concrete(values, wavelength, token_ids):
+            self._check_inputs(wavelength, token_ids, key_mask)
         # As in the reference: a bad value becomes a padding token (zero embedding, no PE).
         safe_ids = jnp.where(key_mask, token_ids, PADDING_TOKEN_ID)
         safe_values = jnp.where(key_mask, values, 0.0)
