@@ -1,0 +1,220 @@
+r"""Where a training step's time goes: a ``jax.profiler`` trace of the compiled step, its ops
+summed by name and by kind, and the share of forward, backward and optimiser.
+
+    python -m benchmarks.profile --configs=specpt_small[,spectrafm_small,...] [--steps=5]
+                                 [--batch=N] [--top=15] [--out=profile.json]
+
+Per config (names of :data:`benchmarks.run.CONFIGS`) the step is built and compiled exactly as
+``benchmarks.run`` builds it (same data, same ``Trainer.compile``), run twice to warm up, then
+``--steps`` steps are traced. On XLA:CPU every thunk of the executable (a fusion, a dot, a
+convolution, a copy, ...) is one trace event named after its HLO instruction, so summing the
+events' durations by name gives each instruction's time; the optimised HLO
+(``compiled.as_text()``) then says what each is:
+
+* **kind**: the instruction's opcode, or for a fusion its fusion kind plus the most telling ops
+  inside it (``dot``, ``exp``, ``reduce``, ``transpose``, ...), e.g. ``fusion(exp,reduce)``;
+* **part**: forward, backward or optimiser, read from the jax name stack in the instruction's
+  ``op_name`` metadata (``transpose(jvp(...))`` = backward; the optimiser's ops sit under the
+  ``optimizer_step`` named scope of :func:`spectrax.optim.apply_step`);
+* **shape** of its output.
+
+Shares are robust to the load of a shared machine (other jobs stretch every op alike); absolute
+times are not. Thunks can run concurrently on XLA:CPU's thread pool, so the op total may exceed
+the wall time of the step. Nothing is written to the repository: ``--out`` (a JSON file) is
+opt-in and traces go to a temporary directory.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+
+# Runtime events of the trace that are not ops of the executable.
+_RUNTIME = re.compile(r"^(\$|end: |ThunkExecutor|PjitFunction|CommonPjRt|Allocate|Handle |"
+                      r"Parse|PythonRef|Wait for|ThreadpoolListener|SlinkyThreadPool|"
+                      r"TfrtCpu|ExecuteHelper|XlaModule|BufferFromHostBuffer|tsl::)")
+# Instructions whose trace event encloses the events of the instructions they run.
+_CONTROL_FLOW = ("conditional", "while", "call")
+# Ops named inside a fusion that tell what it does, most telling first.
+_TELLING = ("dot", "convolution", "exponential", "log", "tanh", "erf", "reduce", "reduce-window",
+            "transpose", "select-and-scatter", "scatter", "gather", "sort", "dynamic-slice",
+            "dynamic-update-slice", "concatenate", "pad", "rsqrt", "sqrt", "divide", "power",
+            "compare", "select", "convert", "copy")
+
+
+def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
+    """Instructions of an optimised HLO module text -> {name: {opcode, shape, op_name, inner}}.
+
+    ``inner`` is the set of opcodes inside a fusion's computation (for ``kind``)."""
+    computations: dict[str, set[str]] = {}
+    current = None
+    instr: dict[str, dict[str, Any]] = {}
+    line_re = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?"
+                         r"|\([^=]*?\))\s+([\w\-]+)\(")
+    for line in text.splitlines():
+        head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if head and "=" not in line.split("{")[0]:
+            current = head.group(1)
+            computations[current] = set()
+            continue
+        m = line_re.match(line)
+        if not m:
+            continue
+        name, shape, opcode = m.groups()
+        if current is not None:
+            computations[current].add(opcode)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        calls = re.search(r"calls=%?([\w.\-]+)", line)
+        kind = re.search(r"kind=(\w+)", line)
+        instr[name] = {"opcode": opcode, "shape": shape.split("{")[0],
+                       "op_name": op_name.group(1) if op_name else "",
+                       "calls": calls.group(1) if calls else None,
+                       "fusion_kind": kind.group(1) if kind else None}
+    for info in instr.values():
+        info["inner"] = computations.get(info["calls"], set()) if info["calls"] else set()
+    return instr
+
+
+def op_kind(info: dict[str, Any] | None) -> str:
+    """'dot', 'copy', 'fusion(exp,reduce)', ... (see the module docstring)."""
+    if info is None:
+        return "?"
+    if info["opcode"] != "fusion":
+        return info["opcode"]
+    inner = [t for t in _TELLING if t in info["inner"]][:3]
+    return "fusion(" + ",".join(inner) + ")" if inner else "fusion"
+
+
+def op_part(info: dict[str, Any] | None) -> str:
+    """'forward', 'backward', 'optimizer' or 'other' from the instruction's jax name stack."""
+    if info is None:
+        return "other"
+    name = info["op_name"]
+    if "optimizer_step" in name:
+        return "optimizer"
+    if "transpose(" in name:
+        return "backward"
+    if "jvp(" in name or name:
+        return "forward"
+    return "other"
+
+
+def trace_events(trace_dir: str) -> list[dict]:
+    """Complete ('X') events of the newest perfetto trace under ``trace_dir``."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
+                             recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto trace under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
+              top: int = 15) -> dict[str, Any]:
+    """Per-step milliseconds by instruction, kind and part, from trace ``events``."""
+    by_name: collections.Counter = collections.Counter()
+    for e in events:
+        info = hlo.get(e["name"])
+        # A control-flow thunk's event spans the events of the ops it runs: counting both would
+        # count those ops twice.
+        if _RUNTIME.match(e["name"]) or (info and info["opcode"] in _CONTROL_FLOW):
+            continue
+        by_name[e["name"]] += e["dur"] / 1e3 / steps     # µs -> ms per step
+    total = sum(by_name.values())
+    by_kind: collections.Counter = collections.Counter()
+    by_part: collections.Counter = collections.Counter()
+    for name, ms in by_name.items():
+        info = hlo.get(name)
+        by_kind[op_kind(info)] += ms
+        by_part[op_part(info)] += ms
+    rows = []
+    for name, ms in by_name.most_common(top):
+        info = hlo.get(name)
+        rows.append({"op": name, "ms": round(ms, 2), "share": round(ms / total, 4),
+                     "kind": op_kind(info), "part": op_part(info),
+                     "shape": info["shape"] if info else "?",
+                     "source": (info["op_name"][-90:] if info else "")})
+    return {"ops_ms": round(total, 1),
+            "by_part": {k: round(v, 1) for k, v in by_part.most_common()},
+            "by_kind": {k: round(v, 1) for k, v in by_kind.most_common(top)},
+            "top_ops": rows}
+
+
+def profile_config(name: str, *, steps: int = 5, batch: int = 0, n_train: int = 512,
+                   cache_dir: str = "data", top: int = 15, log=print) -> dict[str, Any]:
+    """Traces ``steps`` training steps of benchmark config ``name``; returns the summary of
+    :func:`summarise` plus the wall time per step during the trace and the load average."""
+    from benchmarks import run
+    from spectrax.data import pipeline
+
+    config, data_dir, _, trainer, idx = run.prepare(name, batch=batch, n_train=n_train,
+                                                    cache_dir=cache_dir)
+    host = run.fixed_batches(config, data_dir, idx)
+    dev = [pipeline.to_global(b, trainer.batch_sharding) for b in host]
+    step, compile_s, _ = trainer.compile(dev[0])
+    hlo = parse_hlo(step.as_text())
+    state = trainer.init_state()
+    for i in range(2):
+        state, _ = step(state, dev[i % len(dev)])
+    jax.block_until_ready(state)
+    load = run.loadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        for i in range(steps):
+            state, _ = step(state, dev[i % len(dev)])
+        jax.block_until_ready(state)
+        wall = (time.perf_counter() - t0) / steps
+        jax.profiler.stop_trace()
+        events = trace_events(tmp)
+    out = {"config": name, "batch": config.batch_size, "steps": steps,
+           "step_ms_traced": round(wall * 1e3, 1), "compile_s": round(compile_s, 1),
+           "loadavg": load, **summarise(events, hlo, steps, top)}
+    log(format_summary(out))
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A plain-text table of one :func:`profile_config` result."""
+    lines = [f"== {s['config']} (batch {s['batch']}): step {s['step_ms_traced']} ms wall while "
+             f"traced, ops {s['ops_ms']} ms, load {s['loadavg']}",
+             "parts: " + ", ".join(f"{k} {v} ms" for k, v in s["by_part"].items()),
+             "kinds: " + ", ".join(f"{k} {v}" for k, v in s["by_kind"].items()),
+             f"{'op':<34}{'ms':>8}{'share':>7}  {'part':<9} {'kind':<28} shape / source"]
+    for r in s["top_ops"]:
+        lines.append(f"{r['op'][:33]:<34}{r['ms']:>8.1f}{100 * r['share']:>6.1f}%  "
+                     f"{r['part']:<9} {r['kind'][:28]:<28} {r['shape']}  {r['source']}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    results = [profile_config(c, steps=f.steps, batch=f.batch, n_train=f.n_train,
+                              cache_dir=f.cache_dir, top=f.top) for c in f.configs]
+    if f.out:
+        with open(f.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_list("configs", ["specpt_small"], "Benchmark configs (benchmarks.run.CONFIGS).")
+    flags.DEFINE_integer("steps", 5, "Traced steps.")
+    flags.DEFINE_integer("batch", 0, "Global batch size; 0 = the config's own.")
+    flags.DEFINE_integer("top", 15, "Ops listed.")
+    flags.DEFINE_integer("n_train", 512, "Simulated training spectra.")
+    flags.DEFINE_string("cache_dir", "data", "Where simulated data are cached.")
+    flags.DEFINE_string("out", "", "Write the summaries here as JSON ('' = print only).")
+    app.run(main)
