@@ -320,7 +320,6 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
 
     from spectrax.data import pipeline
     from spectrax.models.registry import compute_dtype
-    from spectrax.nn.attention import default_implementation
 
     load_start = loadavg()
     spec = CONFIGS[name]
@@ -439,7 +438,8 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
         "config": name, "model": config.model.name, "variant": config.model.variant,
         "task": config.task, "batch": bsz, "pixels": length, "tokens_per_spectrum": tokens,
         "token_definition": spec.token_definition, "params": params,
-        "dtype": compute_dtype(config.model.dtype), "attention": default_implementation(), "steps": steps, "reps": reps,
+        "dtype": compute_dtype(config.model.dtype),
+        "attention": config.model.get("attention", "auto"), "steps": steps, "reps": reps,
         "compile_s": _round(compile_s), "first_step_s": _round(first_step_s, 3),
         "step_ms": _round(step_s * 1e3, 1), "step_ms_min": _round(min(per_step) * 1e3, 1),
         "step_ms_max": _round(max(per_step) * 1e3, 1),

@@ -126,7 +126,7 @@ def test_masked_attention_matches_float64_reference():
                                                         np.ones((b, lk), bool)), atol=1e-5)
 
 
-@pytest.mark.parametrize("implementation", ["deferred", "xla"])
+@pytest.mark.parametrize("implementation", ["auto", "deferred", "blocked", "xla"])
 def test_attention_implementations_match_float64_reference(implementation):
     rng = np.random.default_rng(3)
     mha = MultiHeadAttention(D, H, implementation=implementation, rngs=nnx.Rngs(2))
@@ -138,22 +138,100 @@ def test_attention_implementations_match_float64_reference(implementation):
     np.testing.assert_allclose(out, reference_attention(mha, q_in, kv_in, key_mask), atol=2e-5)
 
 
-def test_deferred_attention_gradients_match_jax_reference():
-    """The deferred normalisation (max under stop_gradient, division after the value matmul) has
-    the same gradients as jax.nn.dot_product_attention's softmax."""
+def _qkv(rng, b, t, s, n, h, scale=2.0, dtype=jnp.float32):
+    return tuple(jnp.asarray(rng.normal(size=shape) * scale, dtype)
+                 for shape in ((b, t, n, h), (b, s, n, h), (b, s, n, h)))
+
+
+def _reference_attend(q, k, v, mask):
+    """Float64 softmax attention written out (jnp, so it can be differentiated)."""
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", weights, v)
+
+
+@pytest.mark.parametrize("implementation", ["deferred", "blocked"])
+def test_attention_gradients_match_jax_reference(implementation):
+    """The deferred normalisation (max under stop_gradient, division after the value matmul) and
+    the blocked custom VJP have the same gradients as jax.nn.dot_product_attention's softmax."""
     from spectrax.nn import attend
     rng = np.random.default_rng(4)
-    q, k, v = (jnp.asarray(rng.normal(size=s) * 2, jnp.float32)
-               for s in ((2, 5, 3, 4), (2, 7, 3, 4), (2, 7, 3, 4)))
-    mask = jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[:, :, :, 0].set(True)
+    q, k, v = _qkv(rng, 2, 5, 70, 3, 4)   # 70 keys: three blocks of 32, the last one ragged
+    mask = jnp.asarray(rng.random((2, 1, 1, 70)) > 0.3).at[:, :, :, 0].set(True)
     loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, mask,  # noqa: E731
                                                              implementation=impl)))
-    ours = jax.grad(loss("deferred"), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(implementation), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="flash"):
         attend(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 75), (2, 3, 6, 75), None])
+def test_blocked_attention_and_its_gradients_match_float64(mask_shape):
+    """In float64 the blocked forward and its custom VJP agree with plain softmax attention to
+    rounding (1e-12), for key-padding masks, per-head per-query masks and no mask, with keys
+    spanning several blocks and a block that is entirely masked."""
+    from spectrax.nn.attention import blocked_attention
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        q, k, v = _qkv(rng, 2, 6, 75, 3, 8, dtype=jnp.float64)
+        if mask_shape is None:
+            mask, full = None, jnp.ones((1, 1, 1, 75), bool)
+        else:
+            mask = jnp.asarray(rng.random(mask_shape) > 0.4).at[..., 0].set(True)
+            mask = mask.at[..., 32:64].set(False)   # the whole second block masked
+            full = mask
+        np.testing.assert_allclose(blocked_attention(q, k, v, mask),
+                                   _reference_attend(q, k, v, full), atol=1e-12)
+        cot = jnp.asarray(rng.normal(size=q.shape))
+        ours = jax.grad(lambda *a: jnp.sum(blocked_attention(*a, mask) * cot), (0, 1, 2))(q, k, v)
+        ref = jax.grad(lambda *a: jnp.sum(_reference_attend(*a, full) * cot), (0, 1, 2))(q, k, v)
+        for a, b in zip(ours, ref):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_blocked_attention_in_bfloat16_keeps_float32_statistics():
+    from spectrax.nn.attention import blocked_attention
+    rng = np.random.default_rng(6)
+    q, k, v = _qkv(rng, 2, 8, 40, 2, 8, scale=1.0)
+    mask = jnp.asarray(rng.random((2, 1, 1, 40)) > 0.2).at[..., 0].set(True)
+    out = blocked_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), mask)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), _reference_attend(q, k, v, mask),
+                               atol=3e-2)
+
+
+def test_auto_picks_by_backend_dtype_and_shape():
+    from spectrax.nn.attention import MATERIALISE_LIMIT_BYTES, choose_implementation
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    # CPU: blocked beyond one block of keys and more than one query.
+    assert choose_implementation((32, 512, 4, 16), (32, 513, 4, 16), f32, "cpu") == "blocked"
+    assert choose_implementation((32, 1, 4, 16), (32, 513, 4, 16), f32, "cpu") == "deferred"
+    assert choose_implementation((32, 1, 4, 32), (32, 1, 4, 32), f32, "cpu") == "deferred"
+    # GPU: cuDNN for bf16 and head dims it takes, otherwise by the size of the scores.
+    assert choose_implementation((8, 197, 12, 64), (8, 197, 12, 64), bf16, "gpu") == "cudnn"
+    assert choose_implementation((8, 197, 12, 64), (8, 197, 12, 64), f32, "gpu") == "deferred"
+    assert choose_implementation((8, 512, 4, 12), (8, 512, 4, 12), bf16, "gpu") == "deferred"
+    n = int(np.sqrt(MATERIALISE_LIMIT_BYTES / 4 / 8)) + 1
+    assert choose_implementation((8, n, 1, 64), (8, n, 1, 64), f32, "tpu") == "blocked"
+
+
+@pytest.mark.parametrize("t,s", [(5, 7), (4, 6), (3, 8), (6, 9)])
+def test_cudnn_padding_to_even_lengths_changes_nothing(t, s):
+    """cuDNN needs a [B, N|1, T, S] bias and even T, S in training: even_lengths pads (masked
+    keys, dropped queries); attention over the padded problem equals the original."""
+    from spectrax.nn.attention import even_lengths
+    rng = np.random.default_rng(t * s)
+    q, k, v = _qkv(rng, 2, t, s, 3, 8)
+    mask = jnp.asarray(rng.random((2, 1, 1, s)) > 0.3).at[..., 0].set(True)
+    qp, kp, vp, mp = even_lengths(q, k, v, mask)
+    assert qp.shape[1] % 2 == 0 and kp.shape[1] % 2 == 0 and mp.shape[2:] == (qp.shape[1],
+                                                                                kp.shape[1])
+    np.testing.assert_allclose(jax.nn.dot_product_attention(qp, kp, vp, mask=mp)[:, :t],
+                               jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-6)
 
 
 def test_fully_masked_keys_give_zeros_and_finite_gradients():
@@ -243,23 +321,27 @@ def test_unknown_activation_is_rejected():
 
 def test_model_config_resolves_dtype_and_attention():
     """config.model.dtype 'auto' is float32 on this CPU (bfloat16 on GPU/TPU);
-    config.model.attention sets the implementation every attention layer uses."""
+    config.model.attention reaches every attention layer of the model through its size
+    dataclass (no process-wide default)."""
     import ml_collections
 
     from spectrax.models import registry
-    from spectrax.nn import attention
 
     assert registry.compute_dtype("auto") == ("float32" if jax.default_backend() == "cpu"
                                               else "bfloat16")
     assert registry.compute_dtype("bfloat16") == "bfloat16"
     cfg = ml_collections.ConfigDict({"name": "spectrafm", "variant": "tiny", "dtype": "auto",
                                      "attention": "xla"})
-    try:
-        model = registry.build_model(cfg, rngs=nnx.Rngs(0))
-        assert attention.default_implementation() == "xla"
-        assert model.cfg.dtype in ("float32", jnp.float32)
-        cfg.attention = "flash"
-        with pytest.raises(ValueError, match="config.model.attention"):
-            registry.build_model(cfg, rngs=nnx.Rngs(0))
-    finally:
-        attention.set_default_implementation("auto")
+    model = registry.build_model(cfg, rngs=nnx.Rngs(0))
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MultiHeadAttention)]
+    assert len(layers) == 5 and {m.implementation for m in layers} == {"xla"}
+    assert model.cfg.dtype in ("float32", jnp.float32)
+    # Building another model does not change the first one's layers.
+    cfg.attention = "blocked"
+    other = registry.build_model(cfg, rngs=nnx.Rngs(0))
+    assert {m.implementation for _, m in nnx.iter_graph(other)
+            if isinstance(m, MultiHeadAttention)} == {"blocked"}
+    assert {m.implementation for m in layers} == {"xla"}
+    cfg.attention = "flash"
+    with pytest.raises(ValueError, match="config.model.attention"):
+        registry.build_model(cfg, rngs=nnx.Rngs(0))

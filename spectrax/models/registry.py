@@ -11,15 +11,20 @@ from typing import Any, Callable
 from flax import nnx
 
 
+def _compute(m) -> dict:
+    """The compute settings every model config dataclass takes: dtype and attention."""
+    return {"dtype": m.dtype, "attention": m.get("attention", "auto")}
+
+
 def _specpt_autoencoder(m, rngs):
     from spectrax.models import specpt
-    return specpt.SpecPTAutoencoder(specpt.specpt_config(m.variant or "small", dtype=m.dtype),
+    return specpt.SpecPTAutoencoder(specpt.specpt_config(m.variant or "small", **_compute(m)),
                                     rngs=rngs)
 
 
 def _specpt_redshift(m, rngs):
     from spectrax.models import specpt
-    return specpt.SpecPTRedshift(specpt.specpt_config(m.variant or "small", dtype=m.dtype),
+    return specpt.SpecPTRedshift(specpt.specpt_config(m.variant or "small", **_compute(m)),
                                  head=m.head or None,
                                  batch_mixing_attention=m.batch_mixing_attention, rngs=rngs)
 
@@ -27,13 +32,13 @@ def _specpt_redshift(m, rngs):
 def _tokenizer(m, rngs):
     from spectrax.models import tokenizer
     return tokenizer.SpectralTokenizer(
-        tokenizer.tokenizer_config(m.variant or "small", dtype=m.dtype), rngs=rngs)
+        tokenizer.tokenizer_config(m.variant or "small", **_compute(m)), rngs=rngs)
 
 
 def _spectrafm(m, rngs):
     from spectrax.models import spectrafm
-    return spectrafm.SpectraFM(spectrafm.spectrafm_config(m.variant or "small", dtype=m.dtype),
-                               rngs=rngs)
+    return spectrafm.SpectraFM(
+        spectrafm.spectrafm_config(m.variant or "small", **_compute(m)), rngs=rngs)
 
 
 def _tokenizer_adapted(m, rngs):
@@ -42,7 +47,7 @@ def _tokenizer_adapted(m, rngs):
         raise ValueError("config.model.num_outputs must be set for tokenizer_adapted (classes "
                          "for classification, labels for regression)")
     return tokenizer.AdaptedTokenizer(
-        tokenizer.tokenizer_config(m.variant or "small", dtype=m.dtype), m.num_outputs,
+        tokenizer.tokenizer_config(m.variant or "small", **_compute(m)), m.num_outputs,
         rngs=rngs)
 
 
@@ -96,14 +101,15 @@ def compute_dtype(name: str) -> str:
 def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
     """Builds ``model_cfg.name`` (see :data:`BUILDERS`) with the config's variant/head.
 
-    Also applies ``model_cfg.attention`` (the attention implementation of every layer, see
-    :mod:`spectrax.nn.attention`) and resolves ``model_cfg.dtype='auto'`` (:func:`compute_dtype`).
+    ``model_cfg.attention`` (the implementation of every attention layer, see
+    :mod:`spectrax.nn.attention`) goes to the model's size dataclass, which hands it to each
+    layer; ``model_cfg.dtype='auto'`` is resolved by :func:`compute_dtype`.
     """
-    from spectrax.nn.attention import set_default_implementation
+    from spectrax.nn.attention import check_implementation
 
     if model_cfg.name not in BUILDERS:
         raise ValueError(f"config.model.name={model_cfg.name!r}; known: {sorted(BUILDERS)}")
-    set_default_implementation(model_cfg.get("attention", "auto"))
+    check_implementation(model_cfg.get("attention", "auto"))
     dtype = compute_dtype(model_cfg.get("dtype", "float32"))
     if dtype != model_cfg.get("dtype", "float32"):
         model_cfg = model_cfg.copy_and_resolve_references()

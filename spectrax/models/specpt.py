@@ -70,6 +70,8 @@ class SpecPTConfig:
         as in masked autoencoders.
       wavelength_min_period, wavelength_max_period: its period range in log10(λ/Å) units.
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters are always float32.
+      attention: implementation of every attention layer (:func:`spectrax.nn.attend`; 'auto'
+        picks per backend and shape).
     """
 
     architecture: str = "paper"
@@ -100,6 +102,7 @@ class SpecPTConfig:
     wavelength_min_period: float = DEFAULT_MIN_PERIOD
     wavelength_max_period: float = DEFAULT_MAX_PERIOD
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -360,7 +363,7 @@ class SpecPTEncoder(nnx.Module):
         self.transformer = TransformerEncoder(
             cfg.num_encoder_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
             cfg.activation, cfg.norm_first, cfg.layer_norm_eps, final_norm=cfg.norm_first,
-            dtype=dtype, rngs=rngs)
+            dtype=dtype, attention=cfg.attention, rngs=rngs)
 
     def stem_features(self, flux, mask, *, train: bool):
         """Conv-stem output, [B, L] -> [B, T, C] (NLC).
@@ -433,7 +436,7 @@ class SpecPTAutoencoder(nnx.Module):
             self.decoder = TransformerDecoder(
                 cfg.num_decoder_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
                 cfg.activation, cfg.norm_first, cfg.layer_norm_eps, final_norm=cfg.norm_first,
-                dtype=dtype, rngs=rngs)
+                dtype=dtype, attention=cfg.attention, rngs=rngs)
             self.linear1 = nnx.Linear(cfg.d_model, cfg.flat_features, dtype=dtype, rngs=rngs)
             self.linear2 = nnx.Linear(cfg.flat_features, cfg.input_length, dtype=dtype,
                                       rngs=rngs)
@@ -441,7 +444,7 @@ class SpecPTAutoencoder(nnx.Module):
             self.decoder = TransformerEncoder(
                 cfg.num_decoder_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
                 cfg.activation, cfg.norm_first, cfg.layer_norm_eps, final_norm=cfg.norm_first,
-                dtype=dtype, rngs=rngs)
+                dtype=dtype, attention=cfg.attention, rngs=rngs)
             _, pixels_per_token = stem_token_geometry(cfg)
             self.pixel_head = nnx.Linear(cfg.d_model, pixels_per_token, dtype=dtype, rngs=rngs)
             # Dropout on a [B, T] array of ones draws the hidden blocks from the 'dropout' RNG
@@ -540,7 +543,8 @@ class PaperTextHead(nnx.Module):
     def __init__(self, cfg: SpecPTConfig, batch_mixing_attention: bool, *, rngs: nnx.Rngs):
         dtype, width = cfg.compute_dtype, cfg.d_model
         self.batch_mixing_attention = batch_mixing_attention
-        self.attention = MultiHeadAttention(width, cfg.num_heads, dtype=dtype, rngs=rngs)
+        self.attention = MultiHeadAttention(width, cfg.num_heads, dtype=dtype,
+                                            implementation=cfg.attention, rngs=rngs)
         self.mlp_blocks = nnx.List([
             TextResidualBlock(width, cfg.head_dropout, dtype=dtype, rngs=rngs)
             for _ in range(cfg.text_head_blocks)])
@@ -610,7 +614,8 @@ class TokenPoolingHead(nnx.Module):
     def __init__(self, cfg: SpecPTConfig, *, rngs: nnx.Rngs):
         dtype, width = cfg.compute_dtype, cfg.d_model
         self.query = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, width)))
-        self.attention = MultiHeadAttention(width, cfg.num_heads, dtype=dtype, rngs=rngs)
+        self.attention = MultiHeadAttention(width, cfg.num_heads, dtype=dtype,
+                                            implementation=cfg.attention, rngs=rngs)
         self.norm = nnx.LayerNorm(width, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
         self.prediction = PositiveOutput(width, width, cfg.head_dropout, dtype=dtype, rngs=rngs)
 

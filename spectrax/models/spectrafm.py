@@ -96,6 +96,8 @@ class SpectraFMConfig:
       pe_scale, pe_base: angle = pe_scale · λ̂ / pe_base^(2i/D).
       context_length: pixels per forward pass in training and in :func:`chunked_predict`.
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters and losses stay float32.
+      attention: implementation of every attention layer (:func:`spectrax.nn.attend`; 'auto'
+        picks per backend and shape).
     """
 
     d_model: int = 256
@@ -115,6 +117,7 @@ class SpectraFMConfig:
     pe_base: float = 10000.0
     context_length: int = 512
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -304,7 +307,7 @@ class AttentionWithExtraKV(MultiHeadAttention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0, dtype=None,
-                 implementation: str | None = None, rngs: nnx.Rngs):
+                 implementation: str | None = "auto", rngs: nnx.Rngs):
         super().__init__(embed_dim, num_heads, dropout=dropout, dtype=dtype,
                          implementation=implementation, rngs=rngs)
         # PyTorch: xavier_normal_ on a (1, 1, D) tensor, i.e. std = 1/sqrt(D).
@@ -366,9 +369,9 @@ class PostLNBlock(nnx.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, *, dropout: float,
-                 eps: float, dtype=None, rngs: nnx.Rngs):
+                 eps: float, dtype=None, attention: str = "auto", rngs: nnx.Rngs):
         self.attention = AttentionWithExtraKV(d_model, num_heads, dropout=dropout, dtype=dtype,
-                                              rngs=rngs)
+                                              implementation=attention, rngs=rngs)
         self.linear1 = nnx.Linear(d_model, ffn_dim, dtype=dtype, rngs=rngs)
         self.linear2 = nnx.Linear(ffn_dim, d_model, dtype=dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
@@ -397,7 +400,7 @@ class PostLNBlock(nnx.Module):
 def _blocks(cfg: SpectraFMConfig, heads, ffns, rngs):
     return nnx.List([
         PostLNBlock(cfg.d_model, h, f, dropout=cfg.dropout, eps=cfg.layer_norm_eps,
-                    dtype=cfg.compute_dtype, rngs=rngs)
+                    dtype=cfg.compute_dtype, attention=cfg.attention, rngs=rngs)
         for h, f in zip(heads, ffns)])
 
 

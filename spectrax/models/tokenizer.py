@@ -83,6 +83,8 @@ class TokenizerConfig:
       wavelength_min_period, wavelength_max_period: sinusoid periods in log10(λ/Å) units.
       min_scale: floor of the normalisation scale, in flux units (the median guard).
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32.
+      attention: implementation of every attention layer (:func:`spectrax.nn.attend`; 'auto'
+        picks per backend and shape).
     """
 
     patch_size: int = 32
@@ -98,6 +100,7 @@ class TokenizerConfig:
     wavelength_max_period: float = TOKENIZER_MAX_PERIOD
     min_scale: float = 0.1
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -306,7 +309,8 @@ def _stack(cfg: TokenizerConfig, num_layers: int, rngs: nnx.Rngs) -> Transformer
     """A pre-LN stack of self-attention + MLP blocks with a final LayerNorm."""
     return TransformerEncoder(num_layers, cfg.d_model, cfg.num_heads, cfg.mlp_dim, cfg.dropout,
                               cfg.activation, norm_first=True, eps=cfg.layer_norm_eps,
-                              final_norm=True, dtype=cfg.compute_dtype, rngs=rngs)
+                              final_norm=True, dtype=cfg.compute_dtype,
+                              attention=cfg.attention, rngs=rngs)
 
 
 class SpectralTokenizer(nnx.Module):
@@ -429,10 +433,11 @@ class AdaptationHead(nnx.Module):
 
     def __init__(self, d_model: int, num_outputs: int, *, num_heads: int = 8,
                  mlp_dim: int | None = None, dropout: float = 0.0, eps: float = 1e-5,
-                 dtype=None, rngs: nnx.Rngs):
+                 dtype=None, attention: str = "auto", rngs: nnx.Rngs):
         mlp_dim = mlp_dim or d_model
         self.query = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d_model)))
-        self.attention = MultiHeadAttention(d_model, num_heads, dtype=dtype, rngs=rngs)
+        self.attention = MultiHeadAttention(d_model, num_heads, dtype=dtype,
+                                            implementation=attention, rngs=rngs)
         self.norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -461,7 +466,8 @@ class AdaptedTokenizer(nnx.Module):
         self.cfg = cfg
         self.tokenizer = SpectralTokenizer(cfg, rngs=rngs)
         self.head = AdaptationHead(cfg.d_model, num_outputs, num_heads=cfg.num_heads,
-                                   eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype, rngs=rngs)
+                                   eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                                   attention=cfg.attention, rngs=rngs)
 
     def __call__(self, flux, mask, wavelength, *, ivar=None, sigma=None, train: bool = False):
         tokens, token_mask = self.tokenizer.encode(flux, mask, wavelength, ivar=ivar,

@@ -73,6 +73,8 @@ class Transformer1DConfig:
       wavelength_min, wavelength_max: Å mapped to λ̂ = 0 and 1.
       pe_base: the 10000 of the sinusoidal encoding.
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32.
+      attention: implementation of every attention layer (:func:`spectrax.nn.attend`; 'auto'
+        picks per backend and shape).
     """
 
     d_model: int = 512
@@ -89,6 +91,7 @@ class Transformer1DConfig:
     wavelength_max: float = WAVELENGTH_MAX
     pe_base: float = 10000.0
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -186,7 +189,7 @@ class Transformer1D(nnx.Module):
         self.encoder = TransformerEncoder(
             cfg.num_layers, d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.activation,
             norm_first=cfg.norm_first, eps=cfg.layer_norm_eps, final_norm=cfg.norm_first,
-            dtype=dtype, rngs=rngs)
+            dtype=dtype, attention=cfg.attention, rngs=rngs)
         widths = (d, *cfg.head_hidden)
         self.head_layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs)
                                      for a, b in zip(widths[:-1], widths[1:])])
@@ -233,9 +236,10 @@ class Transformer1D(nnx.Module):
 
 
 def build(model_cfg, rngs: nnx.Rngs, num_outputs: int) -> Transformer1D:
-    """Registry hook: ``model_cfg.variant`` (default 'small'), ``model_cfg.dtype``, and an
-    optional ``patch_size`` field."""
-    overrides = {"dtype": getattr(model_cfg, "dtype", None) or "float32"}
+    """Registry hook: ``model_cfg.variant`` (default 'small'), ``model_cfg.dtype``,
+    ``model_cfg.attention`` and an optional ``patch_size`` field."""
+    overrides = {"dtype": getattr(model_cfg, "dtype", None) or "float32",
+                 "attention": getattr(model_cfg, "attention", None) or "auto"}
     patch_size = getattr(model_cfg, "patch_size", None)
     if patch_size:
         overrides["patch_size"] = int(patch_size)

@@ -91,6 +91,8 @@ class ViTConfig:
       head_dropout: dropout before each head Linear.
       freeze_backbone: train only the head (sets ``frozen_paths``; gradients stop at the CLS).
       dtype: compute dtype, 'float32' or 'bfloat16'; parameters stay float32.
+      attention: implementation of every attention layer (:func:`spectrax.nn.attend`; 'auto'
+        picks per backend and shape).
     """
 
     image_size: int = 224
@@ -107,6 +109,7 @@ class ViTConfig:
     head_dropout: float = 0.0
     freeze_backbone: bool = False
     dtype: str = "float32"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in COMPUTE_DTYPES:
@@ -218,7 +221,8 @@ class ViT(nnx.Module):
         self.pos_embed = nnx.Param(init(rngs.params(), (1, cfg.num_tokens, d), jnp.float32))
         self.encoder = TransformerEncoder(
             cfg.num_layers, d, cfg.num_heads, cfg.mlp_dim, cfg.dropout, "gelu", norm_first=True,
-            eps=cfg.layer_norm_eps, final_norm=True, dtype=dtype, rngs=rngs)
+            eps=cfg.layer_norm_eps, final_norm=True, dtype=dtype, attention=cfg.attention,
+            rngs=rngs)
 
     def __call__(self, pixels, *, train: bool = False) -> ViTFeatures:
         """Encodes normalised images.
@@ -330,9 +334,11 @@ class ViTForSpectra(nnx.Module):
 
 
 def build(model_cfg, rngs: nnx.Rngs, num_outputs: int) -> ViTForSpectra:
-    """Registry hook: ``model_cfg.variant`` (default 'b16') and ``model_cfg.dtype``; optional
-    ``freeze_backbone``, ``head_hidden``, ``pixel_norm`` fields are honoured when present."""
-    overrides = {"dtype": getattr(model_cfg, "dtype", None) or "float32"}
+    """Registry hook: ``model_cfg.variant`` (default 'b16'), ``model_cfg.dtype`` and
+    ``model_cfg.attention``; optional ``freeze_backbone``, ``head_hidden``, ``pixel_norm`` fields
+    are honoured when present."""
+    overrides = {"dtype": getattr(model_cfg, "dtype", None) or "float32",
+                 "attention": getattr(model_cfg, "attention", None) or "auto"}
     for name in ("freeze_backbone", "head_hidden", "pixel_norm"):
         value = getattr(model_cfg, name, None)
         if value is not None:

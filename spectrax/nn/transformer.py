@@ -3,6 +3,8 @@
 so reference checkpoints map by path and published parameter counts are reproduced exactly.
 
 Sequences are batch-first: [B, L, D]. Masks are key-padding masks, [B, L] bool, True = valid.
+Every layer and stack takes ``attention=``, the implementation of
+:func:`spectrax.nn.attention.attend` its attention layers use ('auto' by default).
 """
 from __future__ import annotations
 
@@ -49,11 +51,11 @@ class TransformerEncoderLayer(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float = 0.1,
                  activation: str = "relu", norm_first: bool = False, eps: float = 1e-5, *,
-                 dtype=None, rngs: nnx.Rngs):
+                 dtype=None, attention: str = "auto", rngs: nnx.Rngs):
         _activation(activation)  # fail at construction, not at the first call
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype,
-                                            rngs=rngs)
+                                            implementation=attention, rngs=rngs)
         self.activation = activation
         self.linear1 = nnx.Linear(d_model, ffn_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -95,13 +97,14 @@ class TransformerDecoderLayer(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, ffn_dim: int, dropout: float = 0.1,
                  activation: str = "relu", norm_first: bool = False, eps: float = 1e-5, *,
-                 dtype=None, rngs: nnx.Rngs):
+                 dtype=None, attention: str = "auto", rngs: nnx.Rngs):
         _activation(activation)
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype,
-                                            rngs=rngs)
+                                            implementation=attention, rngs=rngs)
         self.multihead_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout,
-                                                 dtype=dtype, rngs=rngs)
+                                                 dtype=dtype, implementation=attention,
+                                                 rngs=rngs)
         self.activation = activation
         self.linear1 = nnx.Linear(d_model, ffn_dim, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -153,10 +156,12 @@ class TransformerEncoder(nnx.Module):
 
     def __init__(self, num_layers: int, d_model: int, num_heads: int, ffn_dim: int,
                  dropout: float = 0.1, activation: str = "relu", norm_first: bool = False,
-                 eps: float = 1e-5, final_norm: bool = False, *, dtype=None, rngs: nnx.Rngs):
+                 eps: float = 1e-5, final_norm: bool = False, *, dtype=None,
+                 attention: str = "auto", rngs: nnx.Rngs):
         self.layers = nnx.List([
             TransformerEncoderLayer(d_model, num_heads, ffn_dim, dropout, activation,
-                                    norm_first, eps, dtype=dtype, rngs=rngs)
+                                    norm_first, eps, dtype=dtype, attention=attention,
+                                    rngs=rngs)
             for _ in range(num_layers)])
         self.norm = (nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
                      if final_norm else None)
@@ -174,10 +179,12 @@ class TransformerDecoder(nnx.Module):
 
     def __init__(self, num_layers: int, d_model: int, num_heads: int, ffn_dim: int,
                  dropout: float = 0.1, activation: str = "relu", norm_first: bool = False,
-                 eps: float = 1e-5, final_norm: bool = False, *, dtype=None, rngs: nnx.Rngs):
+                 eps: float = 1e-5, final_norm: bool = False, *, dtype=None,
+                 attention: str = "auto", rngs: nnx.Rngs):
         self.layers = nnx.List([
             TransformerDecoderLayer(d_model, num_heads, ffn_dim, dropout, activation,
-                                    norm_first, eps, dtype=dtype, rngs=rngs)
+                                    norm_first, eps, dtype=dtype, attention=attention,
+                                    rngs=rngs)
             for _ in range(num_layers)])
         self.norm = (nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
                      if final_norm else None)
