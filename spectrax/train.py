@@ -23,11 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
+
+from spectrax import optim
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -39,71 +40,6 @@ flags.DEFINE_bool("dry_run", False, "Print the model's parameter table and exit.
 # ==============================================================================================
 # Model state: the pure pytrees a jitted step takes and returns
 # ==============================================================================================
-def cosine_warm_restarts(peak: float, period: int, eta_min: float, warmup: int = 0):
-    """PyTorch's CosineAnnealingWarmRestarts with T_mult = 1 (SpectraFM's schedule), per step:
-    lr = eta_min + ½ (peak − eta_min)(1 + cos(π · (t mod T) / T)), T = ``period`` steps, after
-    an optional linear warm-up of ``warmup`` steps (t counts from its end)."""
-    period = max(int(period), 1)
-
-    def schedule(step):
-        t = jnp.maximum(step - warmup, 0) % period
-        lr = eta_min + 0.5 * (peak - eta_min) * (1.0 + jnp.cos(jnp.pi * t / period))
-        if warmup:
-            lr = jnp.where(step < warmup, peak * step / warmup, lr)
-        return lr
-
-    return schedule
-
-
-def build_optimizer(config, num_steps: int, freeze_labels=None, steps_per_epoch: int = 1):
-    """AdamW (or SGD) with warm-up + schedule, gradient clipping and optional frozen subtrees.
-
-    Schedules: ``cosine`` (one decay to 1 % over the run), ``constant``, ``plateau``, and
-    ``cosine_restarts`` (warm restarts every ``optim.t0_epochs`` epochs of ``steps_per_epoch``
-    steps, down to ``optim.eta_min``). Frozen parameters go through ``optax.set_to_zero`` so
-    they stay bitwise unchanged (no weight decay either).
-    """
-    o = config.optim
-    warm = min(int(o.warmup_steps), max(num_steps - 1, 0))
-    if o.schedule == "cosine_restarts":
-        lr = cosine_warm_restarts(o.lr, o.t0_epochs * steps_per_epoch, o.eta_min, warm)
-    elif o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(num_steps, warm + 1),
-                                                end_value=o.lr * 0.01)
-    elif o.schedule in ("constant", "plateau"):
-        lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm),
-                                   optax.constant_schedule(o.lr)], [warm]) if warm else o.lr
-    else:
-        raise ValueError(f"config.optim.schedule {o.schedule!r}: use cosine, cosine_restarts, "
-                         "constant or plateau")
-    if o.name == "adamw":
-        inner = optax.adamw(lr, weight_decay=o.weight_decay)
-    elif o.name == "sgd":
-        inner = optax.sgd(lr, momentum=0.9)
-    else:
-        raise ValueError(f"config.optim.name {o.name!r}: use adamw or sgd")
-    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
-    parts.append(inner)
-    if o.schedule == "plateau":
-        # ReduceLROnPlateau as in the reference autoencoder; sees the loss via `value=`.
-        parts.append(optax.contrib.reduce_on_plateau(patience=o.plateau_patience, factor=0.5))
-    tx = optax.chain(*parts)
-    if freeze_labels is not None:
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, freeze_labels)
-    return tx, lr
-
-
-def freeze_labels_for(params, prefixes) -> Any:
-    """'frozen' for parameters whose path starts with one of ``prefixes``, else 'train'."""
-    from spectrax.checkpoint import path_str
-
-    def label(path, _):
-        p = path_str(path)
-        return "frozen" if any(p == f or p.startswith(f + "/") for f in prefixes) else "train"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
 class Trainer:
     """Holds the static pieces of a run (graph definition, task, optimiser, mesh, shardings)
     and exposes pure jitted functions of the state pytree."""
@@ -120,11 +56,10 @@ class Trainer:
         self.graphdef, abstract_params, _, _ = nnx.split(abstract_model, nnx.Param,
                                                          nnx.RngState, ...)
         self.frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
-        labels = freeze_labels_for(abstract_params, self.frozen) if self.frozen else None
+        labels = optim.freeze_labels_for(abstract_params, self.frozen) if self.frozen else None
         if steps_per_epoch is None:  # the simulated train split's size
             steps_per_epoch = max(1, config.data.n_train // config.batch_size)
-        self.tx, self.lr_schedule = build_optimizer(config, num_steps, labels, steps_per_epoch)
-        self.uses_value = config.optim.schedule == "plateau"
+        self.optimizer = optim.build_optimizer(config, num_steps, labels, steps_per_epoch)
         # Tasks that sample (SpectraFM: pixels and the requested label) take a per-step key.
         self.task_uses_rng = getattr(self.task, "uses_rng", False)
 
@@ -144,7 +79,7 @@ class Trainer:
     def _init(self):
         model = self.model_fn(self.config.seed)
         _, params, _, other = nnx.split(model, nnx.Param, nnx.RngState, ...)
-        return {"params": params, "other": other, "opt": self.tx.init(params),
+        return {"params": params, "other": other, "opt": self.optimizer.init(params),
                 "step": jnp.zeros((), jnp.int32), "bad_step": jnp.full((), -1, jnp.int32)}
 
     def init_state(self):
@@ -174,32 +109,12 @@ class Trainer:
 
         (loss, (aux, new_other)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["other"], self.rng_template)
-        extra = {"value": loss} if self.uses_value else {}
-        grad_norm = optax.tree.norm(grads)
-        finite_gradient = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply(params, opt, grads):
-            updates, new_opt = self.tx.update(grads, opt, params, **extra)
-            new_params = optax.apply_updates(params, updates)
-            if not self.config.optim.guard_update:
-                return new_params, new_opt, jnp.array(True)
-            # Finite gradients can still give an overflowing update (an absurd learning rate);
-            # with optim.guard_update the parameters then stay as they were (the optimiser
-            # moments, functions of the finite gradients, advance). It costs a reduction over
-            # the update and a select over the parameters: 0.3 s of SpecPT 'small''s 1 s CPU step.
-            finite_update = jnp.isfinite(optax.tree.norm(updates))
-            new_params = jax.tree.map(lambda new, old: jnp.where(finite_update, new, old),
-                                      new_params, params)
-            return new_params, new_opt, finite_update
-
-        # A step whose loss or gradient is non-finite changes nothing and costs no optimiser
-        # work (as optax.apply_if_finite): lax.cond skips the update instead of computing it and
-        # selecting the old state afterwards. No NaN from the data reaches the parameters; the
-        # host sees `bad_step` at the next log and stops or carries on as configured.
-        new_params, new_opt, finite_update = jax.lax.cond(
-            finite_gradient, apply, lambda params, opt, grads: (params, opt, jnp.array(False)),
-            state["params"], state["opt"], grads)
-        ok = finite_gradient & finite_update
+        # Clipping, AdamW and the guard: a step whose loss or gradient is non-finite changes
+        # nothing, so no NaN from the data reaches the parameters; the host sees `bad_step` at
+        # the next log and stops or carries on as configured (spectrax.optim.apply_step).
+        new_params, new_opt, grad_norm, ok = optim.apply_step(
+            self.optimizer, state["params"], state["opt"], grads, loss=loss,
+            guard_update=self.config.optim.guard_update)
         new_state = {
             "params": new_params,
             "other": jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_other,
@@ -208,8 +123,7 @@ class Trainer:
             "step": step + 1,
             "bad_step": jnp.where(ok | (state["bad_step"] >= 0), state["bad_step"], step),
         }
-        lr = self.lr_schedule(step) if callable(self.lr_schedule) else self.lr_schedule
-        logs = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), **aux}
+        logs = {"loss": loss, "grad_norm": grad_norm, "lr": self.optimizer.lr_at(step), **aux}
         return new_state, logs
 
     def eval_step(self, state, batch):

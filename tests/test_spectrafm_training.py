@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectrax import attention_maps, checkpoint, train
+from spectrax import attention_maps, checkpoint, optim, train
 from spectrax.config_lib import (spectrafm_fe_100, spectrafm_mlp_fe_100, spectrafm_pretrain)
 from spectrax.data import mixture
 from spectrax.models import spectrafm as fm
@@ -18,12 +18,12 @@ from spectrax.tasks_spectrafm import SpectraFMTask
 
 
 def test_cosine_warm_restarts_by_hand():
-    sched = train.cosine_warm_restarts(1.0, 10, 0.0)
+    sched = optim.cosine_warm_restarts(1.0, 10, 0.0)
     values = np.array([float(sched(s)) for s in range(21)])
     assert values[0] == pytest.approx(1.0) and values[10] == pytest.approx(1.0)  # restart
     assert values[5] == pytest.approx(0.5, abs=1e-6)                             # half-way
     assert values[9] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.9)), abs=1e-6)
-    warm = train.cosine_warm_restarts(1.0, 10, 0.1, warmup=4)
+    warm = optim.cosine_warm_restarts(1.0, 10, 0.1, warmup=4)
     assert float(warm(2)) == pytest.approx(0.5) and float(warm(4)) == pytest.approx(1.0)
 
 
