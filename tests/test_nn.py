@@ -75,6 +75,19 @@ def test_wavelength_embedding_is_zero_on_padding_without_nan_gradients():
         assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("projection", [None, 16])
+def test_wavelength_embedding_summed_equals_the_sum_of_embeddings(projection):
+    """summed() (the tokenizer's pooled patches) reduces before joining the sin and cos halves;
+    the values are bitwise those of summing the per-pixel embedding, padding included."""
+    rng = np.random.default_rng(0)
+    wave = np.where(rng.random((3, 7, 32)) > 0.1, rng.uniform(3600, 9800, (3, 7, 32)), -1.0)
+    wave = jnp.asarray(wave, jnp.float32)
+    emb = WavelengthEmbedding(64, projection, rngs=nnx.Rngs(0))
+    for axis in (-1, 1):
+        np.testing.assert_array_equal(jax.jit(lambda w: emb.summed(w, axis))(wave),
+                                      jax.jit(lambda w: emb(w).sum(axis % 3))(wave))
+
+
 def test_wavelength_embedding_needs_rngs_for_projection():
     with pytest.raises(ValueError, match="rngs"):
         WavelengthEmbedding(8, 4)

@@ -237,7 +237,7 @@ def pooled_wavelength_embedding(embedding: WavelengthEmbedding, wavelength, patc
     """
     wave = patchify(jnp.asarray(wavelength, jnp.float32), patch_size, -1.0)     # [B, N, P]
     count = (wave > 0).sum(-1)
-    total = embedding(wave).sum(-2)                                              # [B, N, F]
+    total = embedding.summed(wave, axis=-1)                                      # [B, N, F]
     return total / jnp.maximum(count, 1)[..., None].astype(total.dtype)
 
 

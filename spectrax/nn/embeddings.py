@@ -44,11 +44,17 @@ def sinusoidal_embedding(x, dim: int, min_period: float, max_period: float):
         raise ValueError(
             f"need 0 < min_period <= max_period, got min_period={min_period}, "
             f"max_period={max_period}")
+    return jnp.concatenate(sinusoid_halves(x, dim, min_period, max_period), axis=-1)
+
+
+def sinusoid_halves(x, dim: int, min_period: float, max_period: float):
+    """(sin half, cos half) of :func:`sinusoidal_embedding`, each [..., dim // 2] float32: for
+    callers that reduce the features before joining them (no [..., dim] array is written)."""
     periods = np.geomspace(min_period, max_period, dim // 2)
     # Multiply by the reciprocal computed in float64 so the only float32 rounding is in the product.
     angular_frequency = jnp.asarray(2.0 * math.pi / periods, jnp.float32)
     angles = jnp.asarray(x, jnp.float32)[..., None] * angular_frequency
-    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
 
 
 class WavelengthEmbedding(nnx.Module):
@@ -89,6 +95,30 @@ class WavelengthEmbedding(nnx.Module):
     def features(self) -> int:
         """Width of the output."""
         return self.num_sinusoid_features if self.proj is None else self.proj.out_features
+
+    def summed(self, wavelength, axis: int = -1):
+        """The embedding summed over ``axis`` of ``wavelength`` (e.g. the pixels of a patch):
+        ``self(wavelength).sum(axis)`` with the same values, cheaper without a projection.
+
+        Without a projection the sin and cos halves are reduced before they are joined, so XLA
+        fuses the sinusoids into the reduction instead of writing the per-pixel [..., F] array
+        (on XLA:CPU the tokenizer's [32, 244, 32, 128] embedding and its concatenation took
+        ~60 ms of the step besides the sinusoids themselves).
+
+        Args:
+          wavelength: [...] float Å, values <= 0 mark padding (they add nothing).
+
+        Returns:
+          [... without ``axis``, features].
+        """
+        wavelength = jnp.asarray(wavelength, jnp.float32)
+        axis = axis % wavelength.ndim   # an axis of the output too (the features come last)
+        if self.proj is not None:
+            return self(wavelength).sum(axis)
+        valid = (wavelength > 0)[..., None]
+        x = jnp.log10(jnp.where(wavelength > 0, wavelength, 1.0))
+        halves = sinusoid_halves(x, self.num_sinusoid_features, self.min_period, self.max_period)
+        return jnp.concatenate([jnp.where(valid, h, 0.0).sum(axis) for h in halves], axis=-1)
 
     def __call__(self, wavelength):
         """Embeds wavelengths.
