@@ -1,7 +1,8 @@
 r"""Throughput, step-time breakdown, memory, FLOPs and MFU of the spectrax training steps, with
 optional PyTorch baselines.
 
-    python -m benchmarks.run [--configs=specpt_small,tokenizer_small,spectrafm_small,vit_tiny]
+    python -m benchmarks.run [--configs=specpt_small,tokenizer_small,spectrafm_small,vit_tiny,
+                                        transformer1d_small]
                              [--steps=20] [--reps=3] [--batch=N] [--torch]
 
 Per config (names in :data:`CONFIGS`):
@@ -30,8 +31,9 @@ Per config (names in :data:`CONFIGS`):
   does per step), spectra/s per reader-thread count (``--threads``; Grain's ``ReadOptions
   num_threads``, the pipeline's only parallelism knob); the bottleneck is whichever of pipeline
   (at the config's ``data.num_threads``) and step delivers fewer spectra/s.
-* **--torch.** :mod:`benchmarks.torch_models` (SpecPT, tokenizer, SpectraFM) on the same host
-  batches, float32, ``torch.set_num_threads(os.cpu_count())``: forward + backward + clipping +
+* **--torch.** :mod:`benchmarks.torch_models` (SpecPT, tokenizer, SpectraFM, ViT, the 1D
+  transformer) on the same host batches (the ViT's images rendered beforehand by spectrax's
+  renderer, so its PyTorch step excludes the rendering the spectrax step includes), float32, ``torch.set_num_threads(os.cpu_count())``: forward + backward + clipping +
   AdamW, eager and under ``torch.compile`` (a failure is reported as ``failed: <reason>``; the
   optimiser stays eager). Their timed blocks alternate with spectrax's (spectrax, eager,
   compiled, spectrax, ...), and the ratio spectrax / torch of training spectra/s (> 1: spectrax
@@ -178,7 +180,8 @@ CONFIGS: dict[str, BenchConfig] = {
     "transformer1d_small": BenchConfig(_cfg("transformer1d_redshift", "variant=small"),
                                        _transformer1d_tokens, "8-pixel groups"),
 }
-DEFAULT_CONFIGS = ("specpt_small", "tokenizer_small", "spectrafm_small", "vit_tiny")
+DEFAULT_CONFIGS = ("specpt_small", "tokenizer_small", "spectrafm_small", "vit_tiny",
+                   "transformer1d_small")
 
 
 # ==============================================================================================
@@ -494,7 +497,7 @@ def setup_torch(config, trainer, host_batches, name: str, log=print):
         return out, {}, []
     torch.set_num_threads(os.cpu_count() or 1)
     out["torch_threads"] = torch.get_num_threads()
-    batches = [T.batch_to_torch(b) for b in host_batches]
+    batches = T.torch_batches(config.model, host_batches)
     o = config.optim
 
     def fresh():

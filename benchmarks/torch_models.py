@@ -15,6 +15,14 @@ sizes of a spectrax config dataclass, so the FLOPs and parameter counts are the 
 * :class:`SpectraFM` — ``spectrax.models.spectrafm`` (GELU(w·x + b) + PE per token, post-LN blocks
   whose attention has an extra key/value, decoder cross-attention from one request token, MLP,
   prediction and log-variance heads).
+* :class:`ViT` — ``spectrax.models.vit``: Hugging Face ``ViTModel`` (no pooler, SDPA attention)
+  + a linear head on the CLS token, the architecture spectrax mirrors (its weights load from
+  either). The images are rendered once per batch by spectrax's own renderer (the config's
+  representation, jitted) outside the timed PyTorch step, which therefore does not include the
+  rendering the spectrax step does inside: the comparison favours PyTorch by that much.
+* :class:`Transformer1D` — ``spectrax.models.transformer1d`` (flux and wavelength projections of
+  P-pixel tokens + sinusoidal position encoding, post-LN encoder with key masks, masked mean
+  pooling, MLP head).
 
 Each comes with the loss of its spectrax task, computed from the same batch the jax step gets
 (median normalisation, SpectraFM's pixel and label sampling, ... all inside the step, as in
@@ -534,9 +542,118 @@ class SpectraFMLoss:
 
 
 # ==============================================================================================
+# ViT on rendered spectra (spectrax.models.vit) and the 1D transformer (.transformer1d)
+# ==============================================================================================
+class ViT(nn.Module):
+    """``spectrax.models.vit.ViTForSpectra`` without its renderer: Hugging Face ``ViTModel`` at
+    the sizes of a ``vit.ViTConfig`` + Linear(D → K) on the CLS features.
+
+    forward(images [B, H, W, 3] in [0, 1]) -> logits [B, K]: pixel normalisation (the config's
+    ``pixel_norm``), NCHW, backbone, head."""
+
+    def __init__(self, cfg, num_outputs: int):
+        from transformers import ViTConfig as HFConfig
+        from transformers import ViTModel
+
+        from spectrax.models import vit
+        super().__init__()
+        if cfg.head_hidden:
+            raise ValueError("the PyTorch ViT baseline has a single Linear head")
+        hf = HFConfig(hidden_size=cfg.width, num_hidden_layers=cfg.num_layers,
+                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim,
+                      hidden_act="gelu", layer_norm_eps=cfg.layer_norm_eps,
+                      image_size=cfg.image_size, patch_size=cfg.patch_size,
+                      num_channels=cfg.num_channels, qkv_bias=True,
+                      hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=0.0)
+        hf._attn_implementation = "sdpa"
+        self.backbone = ViTModel(hf, add_pooling_layer=False)
+        self.head = nn.Linear(cfg.width, num_outputs)
+        mean, std = vit.PIXEL_NORMS[cfg.pixel_norm]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images):
+        x = (images[..., :3].permute(0, 3, 1, 2) - self.mean) / self.std
+        return self.head(self.backbone(pixel_values=x).last_hidden_state[:, 0])
+
+
+def vit_classification_loss(model: ViT, batch: dict) -> torch.Tensor:
+    """``spectrax.tasks.ClassificationTask``: cross-entropy over labelled valid rows, on the
+    images rendered into ``batch['images']`` (:func:`torch_batches`)."""
+    logits = model(batch["images"])
+    y = batch["labels"][:, 0].long().clamp(0, logits.shape[1] - 1)
+    w = (batch["label_mask"][:, 0] & batch["valid"]).float()
+    ce = F.cross_entropy(logits, y, reduction="none")
+    return (ce * w).sum() / w.sum().clamp(min=1.0)
+
+
+class Transformer1D(nn.Module):
+    """``spectrax.models.transformer1d.Transformer1D`` at the sizes of its config.
+
+    forward(flux_n [B, L], mask [B, L], wavelength [B, L] Å) -> [B, K]."""
+
+    def __init__(self, cfg, num_outputs: int):
+        super().__init__()
+        self.cfg = cfg
+        d, p = cfg.d_model, cfg.patch_size
+        self.flux_proj = nn.Linear(p, d)
+        self.wavelength_proj = nn.Linear(p, d)
+        self.encoder = Stack(cfg.num_layers, d, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
+                             cfg.activation, cfg.norm_first, cfg.layer_norm_eps,
+                             final_norm=cfg.norm_first)
+        widths = (d,) + tuple(cfg.head_hidden)
+        self.head_layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(widths[:-1],
+                                                                           widths[1:])])
+        self.head_out = nn.Linear(widths[-1], num_outputs)
+
+    def _patches(self, x, fill):
+        p = self.cfg.patch_size
+        n = -(-x.shape[1] // p)
+        return F.pad(x, (0, n * p - x.shape[1]), value=fill).view(x.shape[0], n, p)
+
+    def forward(self, flux, mask, wavelength):
+        cfg = self.cfg
+        valid = mask & torch.isfinite(flux) & torch.isfinite(wavelength) & (wavelength > 0)
+        flux = torch.where(valid, flux, torch.zeros(()))
+        scaled = (wavelength - cfg.wavelength_min) / (cfg.wavelength_max - cfg.wavelength_min)
+        scaled = torch.where(valid, scaled, torch.zeros(()))
+        token_mask = self._patches(valid, False).any(-1)
+        x = self.flux_proj(self._patches(flux, 0.0)) + self.wavelength_proj(
+            self._patches(scaled, 0.0))
+        n, dim = x.shape[1], cfg.d_model
+        # Vaswani's encoding of the token index, spectrax's layout (sin half, cos half).
+        pe = sinusoidal_embedding(torch.arange(n, dtype=torch.float32), dim, 2 * math.pi,
+                                  2 * math.pi * cfg.pe_base ** ((dim - 2) / dim))
+        x = F.dropout(x + pe, cfg.dropout, self.training)
+        x = self.encoder(x, token_mask)
+        w = token_mask.float()[..., None]
+        x = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+        for layer in self.head_layers:
+            x = F.dropout(F.relu(layer(x)), cfg.dropout, self.training)
+        return self.head_out(x)
+
+
+class RegressionLoss:
+    """``spectrax.tasks.RegressionTask``: MSE in standardised units over known labels, the
+    task's train-split mean and std."""
+
+    def __init__(self, task):
+        self.mean = torch.tensor(task.mean, dtype=torch.float32)
+        self.std = torch.tensor(task.std, dtype=torch.float32)
+
+    def __call__(self, model: Transformer1D, batch: dict) -> torch.Tensor:
+        flux_n, _, _, _ = median_normalise(batch["flux"], batch["ivar"], batch["mask"])
+        pred = model(flux_n, batch["mask"], batch["wavelength"]).reshape(
+            batch["labels"].shape[0], -1)
+        w = (batch["label_mask"] & batch["valid"][:, None]).float()
+        target = (batch["labels"] - self.mean) / self.std
+        return ((pred - target) ** 2 * w).sum() / w.sum().clamp(min=1.0)
+
+
+# ==============================================================================================
 # Building and training
 # ==============================================================================================
-TORCH_MODEL_NAMES = ("specpt_autoencoder", "tokenizer", "spectrafm")
+TORCH_MODEL_NAMES = ("specpt_autoencoder", "tokenizer", "spectrafm", "vit", "transformer1d")
 
 
 def model_dataclass(model_cfg):
@@ -550,6 +667,12 @@ def model_dataclass(model_cfg):
     if model_cfg.name == "spectrafm":
         from spectrax.models import spectrafm
         return spectrafm.spectrafm_config(model_cfg.variant or "small")
+    if model_cfg.name == "vit":
+        from spectrax.models import vit
+        return vit.vit_config(model_cfg.variant or "b16")
+    if model_cfg.name == "transformer1d":
+        from spectrax.models import transformer1d
+        return transformer1d.transformer1d_config(model_cfg.variant or "small")
     raise ValueError(f"no PyTorch baseline for model {model_cfg.name!r}; have "
                      f"{TORCH_MODEL_NAMES}")
 
@@ -563,6 +686,13 @@ def build(model_cfg, task=None) -> tuple[nn.Module, Callable[[nn.Module, dict], 
         return SpecPT(cfg), specpt_loss
     if model_cfg.name == "tokenizer":
         return Tokenizer(cfg), tokenizer_loss
+    if model_cfg.name == "vit":
+        if task is not None and type(task).__name__ != "ClassificationTask":
+            raise ValueError("the PyTorch ViT baseline has the classification loss only")
+        return ViT(cfg, model_cfg.get("num_outputs") or 3), vit_classification_loss
+    if model_cfg.name == "transformer1d":
+        return (Transformer1D(cfg, model_cfg.get("num_outputs") or 1),
+                RegressionLoss(task) if task is not None else None)
     return SpectraFM(cfg), (SpectraFMLoss(task, cfg) if task is not None else None)
 
 
@@ -595,6 +725,31 @@ def batch_to_torch(batch) -> dict[str, torch.Tensor]:
     names = ("flux", "ivar", "wavelength", "mask", "labels", "label_mask", "valid")
     return {n: torch.from_numpy(np.ascontiguousarray(np.asarray(getattr(batch, n))))
             for n in names}
+
+
+def torch_batches(model_cfg, host_batches) -> list[dict[str, torch.Tensor]]:
+    """:func:`batch_to_torch` of every host batch; for the ViT also ``images`` [B, H, W, 3],
+    rendered by the spectrax model's own renderer from the median-normalised flux (as
+    ``spectrax.tasks.forward`` feeds it), once, outside any timed step."""
+    out = [batch_to_torch(b) for b in host_batches]
+    if model_cfg.name != "vit":
+        return out
+    import jax
+    from flax import nnx
+
+    from spectrax.data.preprocess import median_normalise
+    from spectrax.models import registry
+    renderer = registry.build_model(model_cfg, rngs=nnx.Rngs(0)).renderer
+    if renderer is None:
+        raise ValueError("the ViT baseline needs config.model.representation (a renderer)")
+
+    @jax.jit
+    def images(flux, ivar, mask, wavelength):
+        return renderer(median_normalise(flux, ivar, mask)[0], mask, wavelength)
+
+    for b, tb in zip(host_batches, out):
+        tb["images"] = torch.from_numpy(np.array(images(b.flux, b.ivar, b.mask, b.wavelength)))
+    return out
 
 
 class _LossModule(nn.Module):

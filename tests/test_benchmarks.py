@@ -88,9 +88,10 @@ torch = pytest.importorskip("torch")
 from benchmarks import torch_models as T  # noqa: E402
 
 
-def _model_cfg(name, variant):
+def _model_cfg(name, variant, num_outputs=0):
     import ml_collections
-    return ml_collections.ConfigDict(dict(name=name, variant=variant, dtype="float32"))
+    return ml_collections.ConfigDict(dict(name=name, variant=variant, dtype="float32",
+                                          num_outputs=num_outputs))
 
 
 @pytest.mark.parametrize("name,variant,expected", [
@@ -98,9 +99,13 @@ def _model_cfg(name, variant):
     ("specpt_autoencoder", "tokens", 126_496),
     ("tokenizer", "small", 806_048),
     ("spectrafm", "small", 255_746),
+    ("vit", "tiny", 1_521_219),               # Hugging Face ViTModel + linear head, K = 3
+    ("vit", "b16", 85_800_963),
+    ("transformer1d", "small", 605_441),
+    ("transformer1d", "paper", 19_047_937),
 ])
 def test_torch_parameter_counts_equal_spectrax(name, variant, expected):
-    cfg = _model_cfg(name, variant)
+    cfg = _model_cfg(name, variant, 3 if name == "vit" else 1)
     with torch.device("meta"):  # counts shapes, allocates nothing (SpecPT small: 63 M)
         module, _ = T.build(cfg)
     assert T.check_parameter_count(module, cfg) == expected
@@ -141,3 +146,19 @@ def test_torch_spectrafm_train_one_step():
     batch = _random_batch(length, labels=2 * len(labels), wavelength=(15100.0, 16900.0))
     batch["labels"][:, len(labels):] = 0.1  # label errors
     assert torch.isfinite(step(batch))
+
+
+def test_torch_vit_and_transformer1d_train_one_step():
+    """The ViT (on images in [0, 1]) and the 1D transformer (regression, standardised labels)
+    give a finite loss through forward, backward and AdamW."""
+    torch.manual_seed(0)
+    module, loss_fn = T.build(_model_cfg("vit", "tiny", 3))
+    step = T.TorchTrainStep(module, loss_fn, lr=1e-3, weight_decay=0.0, clip_norm=1.0)
+    batch = _random_batch(labels=1)
+    batch["labels"][:, 0] = torch.tensor([0.0, 2.0, 1.0])
+    batch["images"] = torch.rand(3, 224, 224, 3)
+    assert torch.isfinite(step(batch))
+    task = SimpleNamespace(mean=[0.5], std=[0.2])
+    module, loss_fn = T.build(_model_cfg("transformer1d", "tiny", 1), task)
+    step = T.TorchTrainStep(module, loss_fn, lr=1e-3, weight_decay=0.0, clip_norm=1.0)
+    assert torch.isfinite(step(_random_batch(length=100, labels=1)))
