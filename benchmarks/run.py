@@ -162,6 +162,16 @@ CONFIGS: dict[str, BenchConfig] = {
                                  _specpt_tokens, "conv-stem positions (attended tokens)"),
     "specpt_tiny": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=tiny"),
                                _specpt_tokens, "conv-stem positions (attended tokens)"),
+    # The paper-size configs (accelerators: benchmarks/gpu.sh).
+    "specpt_paper": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=paper"),
+                                _specpt_tokens, _SPECPT_DEF),
+    "specpt_tokens_paper": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=tokens_paper"),
+                                       _specpt_tokens, "conv-stem positions (attended tokens)"),
+    "tokenizer_paper": BenchConfig(_cfg("tokenizer_pretrain", "variant=paper"),
+                                   _tokenizer_tokens, "32-pixel patches"),
+    "spectrafm_paper": BenchConfig(_cfg("spectrafm_pretrain", "variant=paper"),
+                                   _spectrafm_tokens, "pixel tokens in the context",
+                                   _spectrafm_predict_tokens),
     "tokenizer_small": BenchConfig(_cfg("tokenizer_pretrain", "variant=small"),
                                    _tokenizer_tokens, "32-pixel patches"),
     "tokenizer_tiny": BenchConfig(_cfg("tokenizer_pretrain", "variant=tiny"),
@@ -243,10 +253,12 @@ def _round(x, nd=2):
 # ==============================================================================================
 # One config
 # ==============================================================================================
-def prepare(name: str, *, batch: int = 0, n_train: int = 512, cache_dir: str = "data"):
-    """Builds config ``name`` with the benchmark's overrides; returns (config, data_dir,
-    manifest, trainer, label indices). The task is bound to the shards' labels and fitted to
-    their statistics as the training loop does."""
+def prepare(name: str, *, batch: int = 0, n_train: int = 512, cache_dir: str = "data",
+            model_overrides: dict | None = None):
+    """Builds config ``name`` with the benchmark's overrides (``model_overrides``: fields of
+    ``config.model``, e.g. ``{"dtype": "bfloat16", "attention": "cudnn"}``); returns (config,
+    data_dir, manifest, trainer, label indices). The task is bound to the shards' labels and
+    fitted to their statistics as the training loop does."""
     from spectrax import sharding
     from spectrax.data import shards
     from spectrax.prepare import ensure_data
@@ -261,6 +273,8 @@ def prepare(name: str, *, batch: int = 0, n_train: int = 512, cache_dir: str = "
         config.data.cache_dir = cache_dir
         if batch:
             config.batch_size = batch
+        for key, value in (model_overrides or {}).items():
+            config.model[key] = value
     data_dir = ensure_data(config.data)
     manifest = shards.read_manifest(data_dir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -315,7 +329,8 @@ def bench_pipeline(config, data_dir, idx, sharding, threads: int, batches: int) 
 def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
                  threads=(1, 2, 4), pipeline_batches: int = 20, n_train: int = 512,
                  cache_dir: str = "data", breakdown: bool = True, with_torch: bool = False,
-                 torch_steps: int = 0, log=print) -> dict[str, Any]:
+                 torch_steps: int = 0, model_overrides: dict | None = None,
+                 log=print) -> dict[str, Any]:
     """Measures config ``name`` (module docstring); returns a row with :data:`RESULT_FIELDS`
     (and :data:`TORCH_FIELDS` with ``with_torch``). Times: seconds (``_s``), milliseconds
     (``_ms``); rates per second; memory in bytes; FLOPs per call."""
@@ -327,7 +342,8 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
     load_start = loadavg()
     spec = CONFIGS[name]
     config, data_dir, manifest, trainer, idx = prepare(name, batch=batch, n_train=n_train,
-                                                       cache_dir=cache_dir)
+                                                       cache_dir=cache_dir,
+                                                       model_overrides=model_overrides)
     host = fixed_batches(config, data_dir, idx)
     dev = [pipeline.to_global(b, trainer.batch_sharding) for b in host]
     length = host[0].num_pixels

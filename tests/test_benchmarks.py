@@ -162,3 +162,55 @@ def test_torch_vit_and_transformer1d_train_one_step():
     module, loss_fn = T.build(_model_cfg("transformer1d", "tiny", 1), task)
     step = T.TorchTrainStep(module, loss_fn, lr=1e-3, weight_decay=0.0, clip_norm=1.0)
     assert torch.isfinite(step(_random_batch(length=100, labels=1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPU script (benchmarks/gpu.sh): its plan on paper-size configs, and a smoke run on CPU
+# ----------------------------------------------------------------------------------------------
+def test_gpu_plan_builds_every_paper_config_with_cudnn_eligible_attention():
+    """Every config of the GPU plan exists, builds (abstractly) in bf16 with cuDNN attention,
+    and every attention layer's head dimension is one cuDNN's flash kernel takes, so the 'cudnn'
+    rows measure the fused kernel."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from benchmarks import gpu
+    from spectrax.models import registry
+    from spectrax.nn import MultiHeadAttention
+    from spectrax.nn.attention import choose_implementation
+
+    for name, batch, attentions in gpu.PLAN:
+        config = run.CONFIGS[name].make()
+        with config.unlocked():
+            config.model.dtype, config.model.attention = "bfloat16", attentions[0]
+        model = nnx.eval_shape(lambda: registry.build_model(config.model, rngs=nnx.Rngs(0)))
+        layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, MultiHeadAttention)]
+        assert layers and {m.implementation for m in layers} == {attentions[0]}, name
+        if "cudnn" in attentions:
+            for m in layers:
+                shape = (batch, 10, m.num_heads, m.head_dim)
+                assert choose_implementation(shape, shape, jnp.bfloat16, "gpu") == "cudnn", name
+    assert [e["config"] for e in gpu.plan(False, ("vit",))] == ["vit_b16", "vit_b16"]
+
+
+def test_gpu_script_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu.sh --smoke: the driver, a child process per entry, bf16 tiny configs with
+    two attention implementations, the JSON rows and the RESULTS.md section."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    out, md = tmp_path / "rows.jsonl", tmp_path / "RESULTS.md"
+    res = subprocess.run([str(repo / "benchmarks" / "gpu.sh"), "--smoke", "--only=tokenizer",
+                          f"--out={out}", f"--results_md={md}"], cwd=repo, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["config"], r["attention_requested"], r["status"]) for r in rows] == [
+        ("tokenizer_tiny", "blocked", "ok"), ("tokenizer_tiny", "xla", "ok")]
+    for r in rows:
+        assert r["dtype"] == "bfloat16" and r["attention"] == r["attention_requested"]
+        assert r["step_ms"] > 0 and r["predict_spectra_per_s"] > 0 and r["peak_bytes"] > 0
+        assert r["smoke"] is True and r["gpu_run"] == rows[0]["gpu_run"]
+    text = md.read_text()
+    assert "| tokenizer_tiny | 2 | blocked |" in text and "speed-up per model" in text
