@@ -57,8 +57,9 @@ def parse_hlo(text: str) -> dict[str, dict[str, Any]]:
     computations: dict[str, set[str]] = {}
     current = None
     instr: dict[str, dict[str, Any]] = {}
-    line_re = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?"
-                         r"|\([^=]*?\))\s+([\w\-]+)\(")
+    # name = shape opcode(operands...): the first " word(" after the "=" is the opcode (shapes
+    # hold no parentheses after a word; long tuple shapes do hold "/*index=5*/" comments).
+    line_re = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\(")
     for line in text.splitlines():
         head = re.match(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
         if head and "=" not in line.split("{")[0]:
