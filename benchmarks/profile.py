@@ -18,6 +18,10 @@ events' durations by name gives each instruction's time; the optimised HLO
   ``optimizer_step`` named scope of :func:`spectrax.optim.apply_step`);
 * **shape** of its output.
 
+With ``--bandwidth`` (default) the machine's memory bandwidth is measured
+(:func:`memory_bandwidth`) and the optimiser's ops are set against the time reading and writing
+parameters, gradients and both moments once would take at it (:func:`optimizer_bound`).
+
 Shares are robust to the load of a shared machine (other jobs stretch every op alike); absolute
 times are not. Thunks can run concurrently on XLA:CPU's thread pool, so the op total may exceed
 the wall time of the step. Nothing is written to the repository: ``--out`` (a JSON file) is
@@ -151,8 +155,53 @@ def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
             "top_ops": rows}
 
 
+def memory_bandwidth(megabytes: int = 256, reps: int = 7) -> dict[str, float]:
+    """The machine's memory bandwidth, bytes/s, best of ``reps``: ``numpy_copy`` (np.copyto of a
+    ``megabytes`` float32 array: read + write) and ``jax_update`` (a jitted, donated in-place
+    ``x * a + b`` on the default device: read + write, what an optimiser pass does)."""
+    import numpy as np
+    import jax.numpy as jnp
+
+    n = megabytes * 2**20 // 4
+    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    out = {"numpy_copy": 2 * 4 * n / best}
+    update = jax.jit(lambda x: x * 0.999 + 1e-3, donate_argnums=0)
+    x = jax.block_until_ready(update(jnp.ones(n, jnp.float32)))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(update(x))
+        best = min(best, time.perf_counter() - t0)
+    out["jax_update"] = 2 * 4 * n / best
+    return out
+
+
+def optimizer_bound(trainer, bandwidth: float) -> dict[str, Any]:
+    """The memory-bandwidth bound of the optimiser step: the gradient norm reads every gradient
+    once; the update reads parameters, gradients and both moments of the trained parameters and
+    writes parameters and moments once (4-byte floats). Milliseconds at ``bandwidth`` bytes/s."""
+    import numpy as np
+
+    params = trainer.abstract_state["params"]
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+    frozen = trainer.optimizer.frozen
+    trained = ([lab == "train" for lab in jax.tree.leaves(frozen)] if frozen is not None
+               else [True] * len(sizes))
+    n_all, n_trained = sum(sizes), sum(s for s, t in zip(sizes, trained) if t)
+    norm_bytes, update_bytes = 4 * n_all, 7 * 4 * n_trained
+    return {"parameters": n_all, "trained": n_trained,
+            "bytes": norm_bytes + update_bytes,
+            "bound_ms": round((norm_bytes + update_bytes) / bandwidth * 1e3, 1)}
+
+
 def profile_config(name: str, *, steps: int = 5, batch: int = 0, n_train: int = 512,
-                   cache_dir: str = "data", top: int = 15, log=print) -> dict[str, Any]:
+                   cache_dir: str = "data", top: int = 15, bandwidth: bool = True,
+                   log=print) -> dict[str, Any]:
     """Traces ``steps`` training steps of benchmark config ``name``; returns the summary of
     :func:`summarise` plus the wall time per step during the trace and the load average."""
     from benchmarks import run
@@ -181,6 +230,11 @@ def profile_config(name: str, *, steps: int = 5, batch: int = 0, n_train: int = 
     out = {"config": name, "batch": config.batch_size, "steps": steps,
            "step_ms_traced": round(wall * 1e3, 1), "compile_s": round(compile_s, 1),
            "loadavg": load, **summarise(events, hlo, steps, top)}
+    if bandwidth:
+        bw = max(memory_bandwidth().values())
+        out["optimizer_bound"] = {**optimizer_bound(trainer, bw),
+                                  "bandwidth_gb_s": round(bw / 1e9, 1),
+                                  "measured_ms": out["by_part"].get("optimizer")}
     log(format_summary(out))
     return out
 
@@ -189,6 +243,12 @@ def format_summary(s: dict[str, Any]) -> str:
     """A plain-text table of one :func:`profile_config` result."""
     lines = [f"== {s['config']} (batch {s['batch']}): step {s['step_ms_traced']} ms wall while "
              f"traced, ops {s['ops_ms']} ms, load {s['loadavg']}",
+             *([f"optimizer: {s['optimizer_bound']['measured_ms']} ms of ops; bandwidth bound "
+                f"{s['optimizer_bound']['bound_ms']} ms ({s['optimizer_bound']['bytes'] / 1e9:.2f}"
+                f" GB at {s['optimizer_bound']['bandwidth_gb_s']} GB/s, "
+                f"{s['optimizer_bound']['trained']:,} trained of "
+                f"{s['optimizer_bound']['parameters']:,} parameters)"]
+               if s.get("optimizer_bound") else []),
              "parts: " + ", ".join(f"{k} {v} ms" for k, v in s["by_part"].items()),
              "kinds: " + ", ".join(f"{k} {v}" for k, v in s["by_kind"].items()),
              f"{'op':<34}{'ms':>8}{'share':>7}  {'part':<9} {'kind':<28} shape / source"]
@@ -203,7 +263,8 @@ def main(argv):
     from absl import flags
     f = flags.FLAGS
     results = [profile_config(c, steps=f.steps, batch=f.batch, n_train=f.n_train,
-                              cache_dir=f.cache_dir, top=f.top) for c in f.configs]
+                              cache_dir=f.cache_dir, top=f.top, bandwidth=f.bandwidth)
+               for c in f.configs]
     if f.out:
         with open(f.out, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -218,4 +279,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("n_train", 512, "Simulated training spectra.")
     flags.DEFINE_string("cache_dir", "data", "Where simulated data are cached.")
     flags.DEFINE_string("out", "", "Write the summaries here as JSON ('' = print only).")
+    flags.DEFINE_bool("bandwidth", True, "Measure memory bandwidth and the optimiser's bound.")
     app.run(main)

@@ -214,3 +214,49 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
         assert r["smoke"] is True and r["gpu_run"] == rows[0]["gpu_run"]
     text = md.read_text()
     assert "| tokenizer_tiny | 2 | blocked |" in text and "speed-up per model" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The profile summariser (benchmarks/profile.py)
+# ----------------------------------------------------------------------------------------------
+def test_profile_names_ops_from_the_hlo_and_sums_trace_events():
+    """Ops are named from the optimised HLO (opcode, fusion contents, forward/backward/optimiser
+    from the name stack); control-flow events, which enclose their bodies' events, and runtime
+    events are not counted."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import profile
+
+    def f(w, x):
+        loss = lambda w: jnp.sum(jnp.exp(x @ w))  # noqa: E731
+        g = jax.grad(loss)(w)
+        with jax.named_scope("optimizer_step"):
+            w = jax.lax.fori_loop(0, 3, lambda i, w: w - 0.1 * g * i, w)
+        return w
+
+    args = (jnp.ones((8, 8)), jnp.ones((4, 8)))
+    hlo = profile.parse_hlo(jax.jit(f).lower(*args).compile().as_text())
+    kinds = {name: profile.op_kind(info) for name, info in hlo.items()}
+    loops = [n for n, i in hlo.items() if i["opcode"] == "while"]
+    assert loops and any("exponential" in k for k in kinds.values())
+    fusion = next(n for n, k in kinds.items() if "exponential" in k)
+    events = [{"name": fusion, "dur": 3000.0}, {"name": fusion, "dur": 1000.0},
+              {"name": loops[0], "dur": 9000.0}, {"name": "PjitFunction(f)", "dur": 9e6}]
+    s = profile.summarise(events, hlo, steps=2, top=5)
+    assert s["ops_ms"] == 2.0 and s["top_ops"][0]["op"] == fusion
+    assert s["top_ops"][0]["part"] in ("forward", "backward")
+    assert any(profile.op_part(hlo[n]) == "optimizer" for n in hlo
+               if hlo[n]["opcode"] in ("fusion", "multiply", "subtract"))
+
+
+def test_optimizer_bound_counts_bytes_of_trained_parameters():
+    from benchmarks import profile
+
+    trainer = SimpleNamespace(
+        abstract_state={"params": {"a": np.zeros((10, 10)), "b": np.zeros(5)}},
+        optimizer=SimpleNamespace(frozen={"a": "train", "b": "frozen"}))
+    bound = profile.optimizer_bound(trainer, bandwidth=1e9)
+    # norm: 105 gradients read; update: 100 trained x (4 reads + 3 writes); 4 bytes each.
+    assert bound["bytes"] == 4 * 105 + 7 * 4 * 100
+    assert bound["bound_ms"] == pytest.approx(bound["bytes"] / 1e9 * 1e3, abs=0.1)
