@@ -33,9 +33,10 @@ Per config (names in :data:`CONFIGS`):
   (at the config's ``data.num_threads``) and step delivers fewer spectra/s.
 * **--torch.** :mod:`benchmarks.torch_models` (SpecPT, tokenizer, SpectraFM, ViT, the 1D
   transformer) on the same host batches (the ViT's images rendered beforehand by spectrax's
-  renderer, so its PyTorch step excludes the rendering the spectrax step includes), float32, ``torch.set_num_threads(os.cpu_count())``: forward + backward + clipping +
-  AdamW, eager and under ``torch.compile`` (a failure is reported as ``failed: <reason>``; the
-  optimiser stays eager). Their timed blocks alternate with spectrax's (spectrax, eager,
+  renderer, so its PyTorch step excludes the rendering the spectrax step includes), float32,
+  ``torch.set_num_threads`` = the usable CPUs (:func:`usable_cpus`; ``taskset -c 0`` compares
+  the two on one core): forward + backward + clipping + AdamW, eager and under
+  ``torch.compile`` (a failure is reported as ``failed: <reason>``; the optimiser stays eager). Their timed blocks alternate with spectrax's (spectrax, eager,
   compiled, spectrax, ...), and the ratio spectrax / torch of training spectra/s (> 1: spectrax
   faster) is the median of the per-repetition ratios, so load drift on a shared machine hits
   both sides alike.
@@ -205,9 +206,18 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: ``taskset -c 0 python -m
+    benchmarks.run`` gives one), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def machine() -> dict[str, Any]:
     dev = jax.devices()[0]
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "platform": dev.platform,
+    return {"host": platform.node(), "cpu_count": usable_cpus(), "platform": dev.platform,
             "device_kind": dev.device_kind, "devices": jax.device_count(),
             "jax": jax.__version__,
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -511,7 +521,9 @@ def setup_torch(config, trainer, host_batches, name: str, log=print):
     if config.model.name not in T.TORCH_MODEL_NAMES:
         out["torch_compile_status"] = f"no PyTorch baseline for {config.model.name}"
         return out, {}, []
-    torch.set_num_threads(os.cpu_count() or 1)
+    # As many threads as usable CPUs: XLA:CPU sizes its thread pool by the affinity mask too, so
+    # a run under `taskset` compares the two on the same cores.
+    torch.set_num_threads(usable_cpus())
     out["torch_threads"] = torch.get_num_threads()
     batches = T.torch_batches(config.model, host_batches)
     o = config.optim

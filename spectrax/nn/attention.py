@@ -285,8 +285,9 @@ def _flash_fwd(q, k_blocks, v_blocks, bias_blocks):
 
 
 def _flash_bwd(residuals, d_out):
-    """FlashAttention-2's backward: per key block, P = exp(s − lse) from the recomputed scores,
-    dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ += dS K / √H, dK = dSᵀ Q / √H."""
+    """FlashAttention-2's backward: per key block, P = exp(s − lse) from the recomputed
+    scores, dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − rowsum(dO ⊙ O)), dQ += dS K / √H,
+    dK = dSᵀ Q / √H."""
     q, k_blocks, v_blocks, bias_blocks, out, lse = residuals
     scale = 1.0 / math.sqrt(q.shape[-1])
     f32 = _statistics_dtype(q)
