@@ -8,8 +8,10 @@ attention, in about 8 minutes on one H100/H200. Run it as ``benchmarks/gpu.sh``.
 Per entry of :data:`PLAN` (a ``benchmarks.run`` config, a batch size, an attention
 implementation) one child process runs :func:`benchmarks.run.bench_config` with
 ``config.model.dtype = 'bfloat16'`` and that ``config.model.attention``: compile time, the
-training step (median of timed blocks, no host synchronisation inside a block), its FLOPs and
-MFU against the bf16 peak of :data:`benchmarks.flops.PEAK_FLOPS`, the compiled step's peak
+training step (median of timed blocks, no host synchronisation inside a block), its FLOPs (XLA's
+count of the same step with materialised attention, :func:`benchmarks.run.loop_free_flops`: a
+cuDNN custom call counts as no FLOPs) and MFU against the bf16 peak of
+:data:`benchmarks.flops.PEAK_FLOPS`, the compiled step's peak
 memory and the device's own peak (``memory_stats``), forward / backward / optimiser shares
 (first attention variant of a model only: two more compilations), predict spectra/s, and the
 input pipeline. A child per entry keeps one config's memory, compilation cache or crash (a
@@ -49,7 +51,7 @@ PLAN: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("spectrafm_paper", 64, ("cudnn", "xla")),
     ("specpt_tokens_paper", 128, ("cudnn", "xla")),
     # The paper architecture attends over a sequence of length one: attention is immaterial.
-    ("specpt_paper", 128, ("auto",)),
+    ("specpt_paper", 128, ("xla",)),
 )
 # --smoke: the same families at toy widths on CPU; 'blocked' stands in for 'cudnn'.
 SMOKE_PLAN: tuple[tuple[str, int, tuple[str, ...]], ...] = (
@@ -81,7 +83,6 @@ def run_one(spec: dict[str, Any], smoke: bool) -> dict[str, Any]:
     import jax
 
     from benchmarks import run
-    from spectrax.data.shards import read_manifest  # noqa: F401  (fail early if data code moved)
 
     steps, reps = (1, 1) if smoke else (10, 3)
     row = run.bench_config(

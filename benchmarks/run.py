@@ -25,7 +25,9 @@ Per config (names in :data:`CONFIGS`):
   its chunked full-spectrum inference: every pixel of the range, every label).
 * **Memory.** The compiled step's ``memory_analysis()``: ``peak_bytes`` = arguments + outputs +
   temporaries − aliased per device (see :func:`benchmarks.flops.memory_fields`).
-* **FLOPs and MFU.** ``compiled.cost_analysis()['flops']`` of the step, per device; MFU against
+* **FLOPs and MFU.** XLA's cost analysis of the step, per device, counted on the same step with
+  materialised ('deferred') attention (:func:`loop_free_flops`: XLA counts a loop body once, so
+  the blocked attention's scan would undercount; cuDNN's kernel counts as nothing); MFU against
   :data:`benchmarks.flops.PEAK_FLOPS` (dense bf16 peaks); None on CPU.
 * **Pipeline alone.** Grain from the shards to global device batches (what the training loop
   does per step), spectra/s per reader-thread count (``--threads``; Grain's ``ReadOptions
@@ -336,6 +338,53 @@ def bench_pipeline(config, data_dir, idx, sharding, threads: int, batches: int) 
     return batches * config.batch_size / (time.perf_counter() - t0)
 
 
+def _loss_functions(trainer, seed: int):
+    """(forward, forward + backward) of the task's training loss, jitted functions of
+    (state, batch): the breakdown's two parts."""
+    from flax import nnx
+
+    key = jax.random.key(seed)
+
+    def loss_of(params_, other, batch_):
+        model = nnx.merge(trainer.graphdef, params_, trainer.rng_template, other, copy=True)
+        nnx.reseed(model, dropout=key)
+        extra = {"rng": jax.random.fold_in(key, 1)} if trainer.task_uses_rng else {}
+        return trainer.task.loss(model, batch_, train=True, **extra)[0]
+
+    fwd = jax.jit(lambda st, b: loss_of(st["params"], st["other"], b))
+    fwdbwd = jax.jit(lambda st, b: jax.value_and_grad(loss_of)(st["params"], st["other"], b))
+    return fwd, fwdbwd
+
+
+def loop_free_flops(config, trainer, batch) -> tuple[float | None, float | None]:
+    """FLOPs of the training step and of its forward + backward, counted by XLA on the same
+    step with ``config.model.attention = 'deferred'`` (lowered, not compiled).
+
+    XLA's cost analysis counts a loop's body once, not once per iteration, so the blocked
+    attention's scan over key blocks (and cuDNN's custom call, counted as nothing) would
+    undercount the step; the materialised softmax does the same arithmetic without a loop."""
+    from spectrax.train import Trainer
+
+    twin_config = config.copy_and_resolve_references()
+    with twin_config.unlocked():
+        twin_config.model.attention = "deferred"
+    twin = Trainer(twin_config, trainer.mesh, trainer.num_steps)
+    twin.task = trainer.task   # fitted to the shards' statistics
+    abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    state = twin.abstract_with_shardings()
+    _, fwdbwd = _loss_functions(twin, config.seed)
+    out = []
+    for fn in (jax.jit(twin.train_step), fwdbwd):
+        try:
+            cost = fn.lower(state, abstract_batch).cost_analysis()
+        except Exception:  # not every backend has a cost analysis
+            cost = None
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        out.append(float(cost["flops"]) if cost and "flops" in cost else None)
+    return out[0], out[1]
+
+
 def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
                  threads=(1, 2, 4), pipeline_batches: int = 20, n_train: int = 512,
                  cache_dir: str = "data", breakdown: bool = True, with_torch: bool = False,
@@ -344,8 +393,6 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
     """Measures config ``name`` (module docstring); returns a row with :data:`RESULT_FIELDS`
     (and :data:`TORCH_FIELDS` with ``with_torch``). Times: seconds (``_s``), milliseconds
     (``_ms``); rates per second; memory in bytes; FLOPs per call."""
-    from flax import nnx
-
     from spectrax.data import pipeline
     from spectrax.models.registry import compute_dtype
 
@@ -363,7 +410,7 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
 
     # -- the training step ----------------------------------------------------------------
     step, compile_s, mem_text = trainer.compile(dev[0])
-    step_flops = F.xla_flops(step)
+    step_flops, fwdbwd_flops = loop_free_flops(config, trainer, dev[0])
     mem = F.memory_fields(step)
     state = trainer.init_state()
     params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
@@ -381,21 +428,11 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
 
     # -- breakdown: the task's loss (forward) and its value-and-gradient (forward + backward),
     # jitted apart, compiled and warmed up here so their blocks can be timed next to the step's.
-    fwdbwd_flops = breakdown_compile = None
+    breakdown_compile = None
     breakdown_fns: dict[str, tuple[Any, int]] = {}
     args = lambda i: (holder["state"], dev[i % len(dev)])  # noqa: E731
     if breakdown:
-        key = jax.random.key(config.seed)
-
-        def loss_of(params_, other, batch_):
-            model = nnx.merge(trainer.graphdef, params_, trainer.rng_template, other, copy=True)
-            nnx.reseed(model, dropout=key)
-            extra = {"rng": jax.random.fold_in(key, 1)} if trainer.task_uses_rng else {}
-            return trainer.task.loss(model, batch_, train=True, **extra)[0]
-
-        fwd = jax.jit(lambda st, b: loss_of(st["params"], st["other"], b))
-        fwdbwd = jax.jit(lambda st, b: jax.value_and_grad(loss_of)(st["params"], st["other"],
-                                                                   b))
+        fwd, fwdbwd = _loss_functions(trainer, config.seed)
         breakdown_compile = 0.0
         for part, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
             t0 = time.perf_counter()
@@ -405,7 +442,6 @@ def bench_config(name: str, *, steps: int = 20, reps: int = 3, batch: int = 0,
             jax.block_until_ready(compiled(*args(0)))
             breakdown_fns[part] = (compiled,
                                    _calls_per_block(time.perf_counter() - t0, steps))
-        fwdbwd_flops = F.xla_flops(breakdown_fns["fwdbwd"][0])
 
     # PyTorch baselines are built and warmed up (torch.compile compiles) first, so that their
     # timed blocks can alternate with spectrax's: on a machine shared with other jobs the load
