@@ -7,7 +7,7 @@ import pytest
 
 from spectrax import checkpoint, train
 from spectrax.config_lib import tokenizer_adapt, tokenizer_pretrain
-from spectrax.data import mixture, pipeline, shards, survey_grids
+from spectrax.data import grids, mixture, pipeline, shards, survey_grids
 from spectrax.spectra import SpectrumError
 
 
@@ -104,7 +104,7 @@ def test_bucketed_eval_sees_every_spectrum_once(tmp_path):
 def test_grid_descriptors_reproduce_native_grids(wave):
     desc = mixture.describe_grid(wave)
     assert desc is not None
-    np.testing.assert_allclose(shards.grid_array(desc), wave, rtol=1e-9)
+    np.testing.assert_allclose(grids.grid_array(desc), wave, rtol=1e-9)
 
 
 def test_record_with_grid_descriptor_round_trips(tmp_path):
@@ -119,7 +119,7 @@ def test_record_with_grid_descriptor_round_trips(tmp_path):
 
 def test_unknown_grid_kind_names_the_descriptor():
     with pytest.raises(SpectrumError, match="unknown kind 'spline'"):
-        shards.grid_array({"kind": "spline", "n": 3})
+        grids.grid_array({"kind": "spline", "n": 3})
 
 
 # --- the mixture ---------------------------------------------------------------------------------

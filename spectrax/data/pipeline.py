@@ -21,24 +21,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from spectrax.data import shards
+from spectrax.data import inputs, shards
 from spectrax.spectra import SpectrumBatch, SpectrumError, pad_batch_rows, stack_records
-
-
-class _Decode:
-    """(index, bytes) -> record dict (numpy); errors name the shard files and the record."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __call__(self, index: int, data: bytes) -> dict[str, Any]:
-        return shards.decode_record(data, where=f"{self.where} record {index}")
 
 
 def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
@@ -49,15 +39,7 @@ def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
 
 def _source(directory: str, split: str) -> grain.MapDataset:
     """The split's records as a random-access Grain dataset of decoded dicts."""
-    paths = shards.split_paths(directory, split)
-    try:
-        source = grain.sources.ArrayRecordDataSource(paths)
-        len(source)
-    except Exception as e:  # the C++ reader raises bare RuntimeErrors on damaged files
-        raise SpectrumError(f"{', '.join(paths)}: corrupt or truncated ArrayRecord shard "
-                            f"({type(e).__name__}: {e})") from e
-    where = paths[0] if len(paths) == 1 else f"{directory} split '{split}' ({len(paths)} shards)"
-    return grain.MapDataset.source(source).map_with_index(_Decode(where))
+    return grain.MapDataset.source(shards.ShardSource(directory, split))
 
 
 def pixel_length(manifest: shards.Manifest, requested: int | None = None) -> int | None:
@@ -146,7 +128,7 @@ def bucket_plan(lengths: np.ndarray, buckets: Sequence[int], where: str = "data"
             f"{where}: {too_long.size} spectra are longer than the largest bucket "
             f"({buckets[-1]} px), e.g. record {int(too_long[0])} with "
             f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets")
-    assignment = np.searchsorted(np.asarray(buckets), lengths, side="left")
+    assignment = inputs.bucket_index(lengths, buckets)
     padded = np.asarray(buckets)[assignment]
     total = float(lengths.sum())
     waste = 1.0 - total / max(float(padded.sum()), 1.0)
@@ -195,19 +177,18 @@ class _BucketSchedule:
 class _ReadBucketBatch:
     """Global batch index -> this process's rows of it, decoded and stacked at bucket length."""
 
-    def __init__(self, source, schedule: _BucketSchedule, plan: BucketPlan, *,
-                 process_index: int, process_count: int, num_labels: int,
-                 grid: np.ndarray | None, where: str):
+    def __init__(self, source: shards.ShardSource, schedule: _BucketSchedule, plan: BucketPlan,
+                 *, process_index: int, process_count: int, num_labels: int,
+                 grid: np.ndarray | None):
         self.source, self.schedule, self.plan = source, schedule, plan
         self.pi, self.pc = process_index, process_count
-        self.num_labels, self.grid, self.where = num_labels, grid, where
+        self.num_labels, self.grid = num_labels, grid
 
     def __call__(self, i: int) -> SpectrumBatch:
         bucket, rows = self.schedule(int(i))
         local = len(rows) // self.pc
         mine = rows[self.pi * local:(self.pi + 1) * local]
-        records = [shards.decode_record(self.source[int(k)], where=f"{self.where} record {k}")
-                   for k in mine]
+        records = [self.source[int(k)] for k in mine]
         return stack_records(records, num_labels=self.num_labels, grid=self.grid,
                              length=self.plan.buckets[bucket])
 
@@ -227,11 +208,9 @@ def bucketed_train_iterator(directory: str, *, batch_size: int, seed: int, bucke
     plan = bucket_plan(shards.record_lengths(directory, split), buckets,
                        where=f"{directory} split '{split}'")
     schedule = _BucketSchedule(plan, batch_size * pc, seed)
-    paths = shards.split_paths(directory, split)
-    source = grain.sources.ArrayRecordDataSource(paths)
-    read = _ReadBucketBatch(source, schedule, plan, process_index=pi, process_count=pc,
-                            num_labels=len(manifest.label_names), grid=manifest.grid_array(),
-                            where=paths[0] if len(paths) == 1 else f"{directory} '{split}'")
+    read = _ReadBucketBatch(shards.ShardSource(directory, split), schedule, plan,
+                            process_index=pi, process_count=pc,
+                            num_labels=len(manifest.label_names), grid=manifest.grid_array())
     # An index space far beyond any run (2**40 batches); MapDataset.range is lazy.
     ds = grain.MapDataset.range(2**40).map(read)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
@@ -245,13 +224,11 @@ def bucketed_eval_batches(directory: str, split: str, *, batch_size: int, bucket
     manifest = shards.read_manifest(directory)
     plan = bucket_plan(shards.record_lengths(directory, split), buckets,
                        where=f"{directory} split '{split}'")
-    paths = shards.split_paths(directory, split)
-    source = grain.sources.ArrayRecordDataSource(paths)
+    source = shards.ShardSource(directory, split)
     for b, length in enumerate(plan.buckets):
         members = np.flatnonzero(plan.assignment == b)
         for start in range(0, len(members), batch_size):
-            records = [shards.decode_record(source[int(k)], where=f"{paths[0]} record {k}")
-                       for k in members[start:start + batch_size]]
+            records = [source[int(k)] for k in members[start:start + batch_size]]
             yield _stack(records, num_labels=len(manifest.label_names),
                          grid=manifest.grid_array(), length=length, batch_size=batch_size)
 
@@ -279,6 +256,45 @@ def eval_batches(directory: str, split: str, *, batch_size: int, length: int | N
 def num_eval_batches(directory: str, split: str, batch_size: int) -> int:
     n = shards.read_manifest(directory).count(split)
     return -(-n // batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Inference batches of records from any input (spectrax.data.inputs)
+# --------------------------------------------------------------------------------------------
+def select_labels(values, have: Sequence[str], want: Sequence[str]) -> np.ndarray:
+    """[K] float32: the values of the ``want`` label columns among a record's ``have`` columns
+    (matched by name), NaN where it has no such label."""
+    values = np.atleast_1d(np.asarray(values if values is not None else [], np.float32))
+    have = list(have)
+    return np.array([values[have.index(n)] if n in have and have.index(n) < values.size
+                     else np.nan for n in want], np.float32)
+
+
+def batches_by_length(rows: Iterable[inputs.ModelRecord], batch_size: int,
+                      label_names: Sequence[str]
+                      ) -> Iterator[tuple[SpectrumBatch, list[inputs.ModelRecord]]]:
+    """Host batches of ``batch_size`` rows, each of ONE padded length (``row.length``), with
+    the rows in it (the batch's last rows are invalid padding when fewer).
+
+    Each length fills its own batch and is emitted when full; the partial batches follow at the
+    end, shortest length first. So jit compiles once per length, and rows keep read order
+    within a length. Labels are the record's values of ``label_names`` by name."""
+    groups: dict[int, list[inputs.ModelRecord]] = {}
+
+    def stack(n, group):
+        records = [{**r.record, "labels": select_labels(r.record.get("labels"), r.label_names,
+                                                        label_names)} for r in group]
+        return pad_batch_rows(stack_records(records, len(label_names), length=n), batch_size)
+
+    for row in rows:
+        group = groups.setdefault(row.length, [])
+        group.append(row)
+        if len(group) == batch_size:
+            yield stack(row.length, group), group
+            groups[row.length] = []
+    for n in sorted(groups):
+        if groups[n]:
+            yield stack(n, groups[n]), groups[n]
 
 
 # --------------------------------------------------------------------------------------------

@@ -841,3 +841,13 @@ def iter_desi_galaxies(n: int, sample: str = "bgs", seed: int = 0, chunk: int = 
     for start in range(0, int(n), int(chunk)):
         yield _simulate_rows(start, min(start + int(chunk), int(n)), sample, int(seed),
                              min(batch, chunk), noiseless, components)
+
+
+def desi_galaxy_rows(start: int, stop: int, sample: str = "bgs", seed: int = 0
+                     ) -> dict[str, np.ndarray]:
+    """Rows ``[start, stop)`` of :func:`simulate_desi_galaxies` (same keys): any worker can
+    simulate any chunk of a sample, and the chunks concatenate to the whole."""
+    _check_args(stop, sample, seed)
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows [{start}, {stop}) are not a valid range")
+    return _simulate_rows(int(start), int(stop), sample, int(seed), 256, False, False)
