@@ -64,12 +64,17 @@ def specpt_on(config, run: Path, data_dir: Path, test_ids: np.ndarray, batch_siz
     """SpecPT's z for ``test_ids`` (the first records of the test split) and its spectra/s."""
     import jax
 
-    from spectrax.predict import Predictor, iter_batches
+    from spectrax.data import inputs, pipeline
+    from spectrax.inference import InferenceModel
 
-    predictor = Predictor.from_checkpoint(config, run)
-    length = config.data.length or 7781
+    def refuse(message):
+        raise RuntimeError(message)
+
+    predictor = InferenceModel.from_checkpoint(config, run)
+    rows = inputs.model_records(inputs.discover([str(data_dir)], split="test").units,
+                                inputs.LengthPolicy.for_model(config.data), {}, refuse)
     batches, n = [], 0
-    for batch, _ in iter_batches([str(data_dir)], batch_size, length, ["z"], split="test"):
+    for batch, _ in pipeline.batches_by_length(rows, batch_size, ["z"]):
         batches.append(batch)
         n += int(batch.valid.sum())
         if n >= len(test_ids):
