@@ -50,7 +50,7 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     for key in _ARRAY_KEYS:
         if record.get(key) is not None:
             arr = np.ascontiguousarray(record[key], dtype="<f4")
-            out[key] = (arr.shape[0], arr.tobytes())
+            out[key] = (arr.shape[0], memoryview(arr).cast("B"))  # packed without a copy
     mask = np.asarray(record["mask"], dtype=bool)
     out["mask"] = (mask.shape[0], np.packbits(mask).tobytes())
     if record.get("grid") is not None and record.get("wavelength") is None:

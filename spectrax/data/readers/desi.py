@@ -30,9 +30,8 @@ from spectrax.data.grids import (DESI_GRID, DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_
 from spectrax.data.readers.common import ReadResult
 from spectrax.data.readers.common import hdu_names as _hdu_names
 from spectrax.data.readers.common import open_fits as _open_fits
-from spectrax.data.readers.common import native
 from spectrax.data.readers.common import table_columns as _table_columns
-from spectrax.spectra import SpectrumError, sanitize_rows
+from spectrax.spectra import SpectrumError
 
 # Largest distance (Å) between a camera pixel and the grid pixel it is mapped to. Real coadds
 # sit on the grid to ~1e-9 Å; anything beyond 1e-3 Å means a different grid (e.g. a frame or
@@ -105,7 +104,9 @@ def camera_grid_indices(wave: np.ndarray, camera: str = "?") -> np.ndarray:
 def camera_pixel_ok(flux: np.ndarray, ivar: np.ndarray,
                     bitmask: np.ndarray | None) -> np.ndarray:
     """[N, Lc] bool: camera pixels that may contribute (MASK == 0, ivar > 0, both finite)."""
-    ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    with np.errstate(invalid="ignore"):
+        ok = (ivar > 0) & (ivar < np.inf)  # NaN fails both comparisons
+    ok &= np.isfinite(flux)
     if bitmask is not None:
         ok &= np.asarray(bitmask) == 0
     return ok
@@ -136,6 +137,21 @@ def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarr
       SpectrumError: if the cameras disagree on N, a camera's arrays disagree with its
         wavelength length, or a camera is not on the grid (see :func:`camera_grid_indices`).
     """
+    flux, ivar, good, _ = merge_and_count(waves, fluxes, ivars, masks)
+    return flux, ivar, good
+
+
+def merge_and_count(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarray],
+                    ivars: Mapping[str, np.ndarray],
+                    masks: Mapping[str, np.ndarray] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """:func:`merge_cameras`, plus the camera pixels it excluded, by the first reason that
+    applies (:func:`camera_excluded`), summed over all N spectra. Returns (flux, ivar, mask,
+    {reason: count}).
+
+    Arrays may be in the file's byte order (FITS is big-endian): the copies onto the grid
+    convert them, which saves a byte-swapping pass over every camera array.
+    """
     if not waves:
         raise SpectrumError("merge_cameras: no cameras given")
     masks = masks or {}
@@ -157,17 +173,20 @@ def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarr
     good = np.zeros((n, DESI_NPIX), bool)
     num = np.zeros((n, overlap.size), np.float64)
     den = np.zeros((n, overlap.size), np.float64)
+    counts = dict.fromkeys(CAMERA_COUNTS, 0)
     for cam, idx in cams.items():
-        flux, ivar = native(fluxes[cam]), native(ivars[cam])
+        flux, ivar = np.asarray(fluxes[cam]), np.asarray(ivars[cam])
         for name, arr in (("flux", flux), ("ivar", ivar)):
             if arr.shape != (n, idx.size):
                 raise SpectrumError(f"camera {cam}: {name} has shape {arr.shape}, expected "
                                     f"{(n, idx.size)} from its wavelength array")
         ok = camera_pixel_ok(flux, ivar, masks.get(cam))
+        for key, value in _count_excluded(flux, ivar, masks.get(cam), ok).items():
+            counts[key] += value
         alone = cover[idx] == 1
         for src, dst in _runs(idx, alone):  # contiguous runs: slices, not fancy indexing
-            out_flux[:, dst] = np.where(ok[:, src], flux[:, src], 0)
-            out_ivar[:, dst] = np.where(ok[:, src], ivar[:, src], 0)
+            np.copyto(out_flux[:, dst], flux[:, src], where=ok[:, src])  # others stay 0
+            np.copyto(out_ivar[:, dst], ivar[:, src], where=ok[:, src])
             good[:, dst] = ok[:, src]
         if not alone.all():
             shared, at = ~alone, slot[idx[~alone]]
@@ -179,7 +198,49 @@ def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarr
         out_flux[:, overlap] = np.divide(num, den, out=np.zeros_like(num), where=covered)
         out_ivar[:, overlap] = den
         good[:, overlap] = covered
-    return out_flux, out_ivar, good
+    return out_flux, out_ivar, good, counts
+
+
+CAMERA_COUNTS = ("camera_flagged", "camera_nonfinite_flux", "camera_nonfinite_ivar",
+                 "camera_nonpositive_ivar")
+
+
+def _count_excluded(flux, ivar, bitmask, ok) -> dict[str, int]:
+    """One camera's excluded pixels by reason (:func:`camera_excluded`), given its ``ok``.
+    Usually every excluded pixel is flagged in MASK: then two counts suffice, and the
+    breakdown by reason is computed only when one is not."""
+    flagged = np.asarray(bitmask) != 0 if bitmask is not None else np.zeros(ok.shape, bool)
+    out = dict.fromkeys(CAMERA_COUNTS, 0)
+    out["camera_flagged"] = n_flagged = int(np.count_nonzero(flagged))
+    if ok.size - int(np.count_nonzero(ok)) == n_flagged:
+        return out
+    left = ~flagged
+    for key, bad in (("camera_nonfinite_flux", ~np.isfinite(flux)),
+                     ("camera_nonfinite_ivar", ~np.isfinite(ivar))):
+        bad &= left
+        out[key] = int(np.count_nonzero(bad))
+        left &= ~bad
+    with np.errstate(invalid="ignore"):
+        out["camera_nonpositive_ivar"] = int(np.count_nonzero(left & (ivar <= 0)))
+    return out
+
+
+def camera_excluded(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np.ndarray],
+                    masks: Mapping[str, np.ndarray] | None, rows: np.ndarray
+                    ) -> dict[str, int]:
+    """Camera pixels of spectra ``rows`` that :func:`merge_cameras` excludes, by the first
+    reason that applies: a pixel flagged in MASK counts as ``camera_flagged`` only; an
+    unflagged one with non-finite flux as ``camera_nonfinite_flux``; then non-finite ivar
+    (``camera_nonfinite_ivar``); then ivar <= 0 (``camera_nonpositive_ivar``)."""
+    masks = masks or {}
+    out = dict.fromkeys(CAMERA_COUNTS, 0)
+    for cam in fluxes:
+        flux, ivar = np.asarray(fluxes[cam])[rows], np.asarray(ivars[cam])[rows]
+        mask = np.asarray(masks[cam])[rows] if cam in masks else None
+        for key, value in _count_excluded(flux, ivar, mask,
+                                          camera_pixel_ok(flux, ivar, mask)).items():
+            out[key] += value
+    return out
 
 
 def _runs(idx: np.ndarray, select: np.ndarray) -> list[tuple[slice, slice]]:
@@ -195,37 +256,6 @@ def _runs(idx: np.ndarray, select: np.ndarray) -> list[tuple[slice, slice]]:
         a, b = int(run[0]), int(run[-1]) + 1
         out.append((slice(a, b), slice(int(idx[a]), int(idx[b - 1]) + 1)))
     return out
-
-
-def camera_pixel_counts(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np.ndarray],
-                        masks: Mapping[str, np.ndarray] | None,
-                        rows: np.ndarray | None = None) -> dict[str, int]:
-    """Counts camera pixels that :func:`merge_cameras` excludes, by first reason that applies.
-
-    A pixel flagged in MASK counts as ``camera_flagged`` only; an unflagged one with non-finite
-    flux as ``camera_nonfinite_flux``; then non-finite ivar; then ivar <= 0. ``rows`` restricts
-    the count to the given spectra (those kept), so skipped sky fibres do not inflate it.
-    """
-    counts = dict.fromkeys(("camera_flagged", "camera_nonfinite_flux", "camera_nonfinite_ivar",
-                            "camera_nonpositive_ivar"), 0)
-    masks = masks or {}
-    for cam in fluxes:
-        flux = np.asarray(fluxes[cam])
-        ivar = np.asarray(ivars[cam])
-        flagged = (np.asarray(masks[cam]) != 0) if cam in masks else np.zeros(flux.shape, bool)
-        if rows is not None:
-            flux, ivar, flagged = flux[rows], ivar[rows], flagged[rows]
-        left = ~flagged
-        counts["camera_flagged"] += int(np.count_nonzero(flagged))
-        for key, bad in (("camera_nonfinite_flux", ~np.isfinite(flux)),
-                         ("camera_nonfinite_ivar", ~np.isfinite(ivar))):
-            if bad.any():  # usually nothing: skip the passes that would count it
-                bad &= left
-                counts[key] += int(np.count_nonzero(bad))
-                left &= ~bad
-        with np.errstate(invalid="ignore"):
-            counts["camera_nonpositive_ivar"] += int(np.count_nonzero(left & (ivar <= 0)))
-    return counts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,11 +281,11 @@ def _read_cameras(hdul: fits.HDUList, path: Path, n_rows: int) -> tuple[dict, di
         raise SpectrumError(f"{path}: no camera found (looked for {looked_for}); "
                             f"the file has {_hdu_names(hdul)}")
     waves, fluxes, ivars, masks = {}, {}, {}, {}
-    for cam in cams:  # native byte order once (FITS is big-endian); dtypes as in the file
+    for cam in cams:  # as in the file (big-endian): the merge converts while it copies
         waves[cam] = np.asarray(_get_data(hdul, f"{cam}_WAVELENGTH", path), np.float64)
-        fluxes[cam] = native(_get_data(hdul, f"{cam}_FLUX", path))
-        ivars[cam] = native(_get_data(hdul, f"{cam}_IVAR", path))
-        masks[cam] = native(_get_data(hdul, f"{cam}_MASK", path))
+        fluxes[cam] = np.asarray(_get_data(hdul, f"{cam}_FLUX", path))
+        ivars[cam] = np.asarray(_get_data(hdul, f"{cam}_IVAR", path))
+        masks[cam] = np.asarray(_get_data(hdul, f"{cam}_MASK", path))
         for name, arr in (("FLUX", fluxes[cam]), ("IVAR", ivars[cam]), ("MASK", masks[cam])):
             if arr.shape != (n_rows, waves[cam].size):
                 raise SpectrumError(
@@ -368,14 +398,20 @@ def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = No
     counts: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
     z_row_of = _redshift_lookup(z_cols, counts)
     rows, z_rows = _rows_to_read(fibermap, z_row_of, require_redshift, counts)
-    flux, ivar, good = merge_cameras(waves, fluxes, ivars, masks)
-    # The one validation every record goes through, for all kept rows at once.
-    flux, ivar, good, pix = sanitize_rows(flux[rows], ivar[rows], good[rows])
-    has_data = pix["valid_pixels"] > 0
+    flux, ivar, good, camera = merge_and_count(waves, fluxes, ivars, masks)
+    if len(rows) < len(flux):  # (a copy only when some rows are skipped)
+        flux, ivar, good = flux[rows], ivar[rows], good[rows]
+    # merge_cameras' output already obeys sanitize_record's rules (bad pixels: flux 0, ivar 0,
+    # mask False; valid ones finite with ivar > 0; tested), so only its counts are taken here.
+    valid = np.count_nonzero(good, axis=1)
+    has_data = valid > 0
     counts["all_pixels_masked"] += int((~has_data).sum())
     counts["labels_missing"] = int(sum(1 for z, ok in zip(z_rows, has_data) if ok and z is None))
+    pix = {"nonfinite_flux": 0, "nonfinite_ivar": 0, "nonpositive_ivar": 0,
+           "flagged": int((DESI_NPIX - valid)[has_data].sum()),
+           "valid_pixels": int(valid[has_data].sum())}
     for key, value in pix.items():
-        _bump(counts, f"merged_{key}", int(value[has_data].sum()))
+        _bump(counts, f"merged_{key}", value)
     fm = {k: v.tolist() for k, v in fibermap.items() if k in FIBERMAP_META and v.ndim == 1}
     zc = ({k: v.tolist() for k, v in z_cols.items() if k in REDSHIFT_META and v.ndim == 1}
           if z_cols is not None else {})
@@ -390,9 +426,14 @@ def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = No
         records.append({"flux": flux[i], "ivar": ivar[i], "mask": good[i],
                         "labels": np.array([z], np.float32),
                         "id": np.int64(fibermap["TARGETID"][row]), "meta": meta})
-    kept = np.asarray(rows, np.int64)[has_data]
-    for key, value in camera_pixel_counts(fluxes, ivars, masks, kept).items():
-        _bump(counts, key, value)
+    # Camera pixels excluded, over the kept spectra: the merge's totals minus those of the
+    # rows not kept (sky fibres, repeats, all-masked rows: usually few).
+    kept = np.zeros(len(fibermap["TARGETID"]), bool)
+    kept[np.asarray(rows, np.int64)[has_data]] = True
+    dropped = camera_excluded(fluxes, ivars, masks, np.flatnonzero(~kept)) if not kept.all() \
+        else dict.fromkeys(CAMERA_COUNTS, 0)
+    for key, total in camera.items():
+        _bump(counts, key, total - dropped[key])
     paths = [str(path)] + ([str(redrock_path)] if redrock_path is not None else [])
     return ReadResult(records, counts, LABEL_NAMES, paths, grid=dict(DESI_GRID))
 
