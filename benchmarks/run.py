@@ -272,12 +272,9 @@ def _iterator(config, data_dir, threads: int):
     from spectrax.data import pipeline
 
     local = config.batch_size // jax.process_count()
-    if config.data.buckets:
-        return pipeline.bucketed_train_iterator(
-            str(data_dir), batch_size=local, seed=config.seed,
-            buckets=tuple(config.data.buckets), num_threads=threads)
     return pipeline.train_iterator(str(data_dir), batch_size=local, seed=config.seed,
-                                   length=config.data.length or None, num_threads=threads)
+                                   buckets=pipeline.batch_lengths(config.data, data_dir),
+                                   num_threads=threads)
 
 
 def fixed_batches(config, data_dir, idx, count: int = 4, draw: int = 12) -> list:

@@ -54,7 +54,8 @@ def _evaluate(config, workdir: Path, max_spectra: int = 0) -> dict:
 
     from spectrax.data import pipeline
     outs = []
-    for host in pipeline.eval_batches(str(data_dir), "test", batch_size=config.eval_batch_size):
+    for host in pipeline.eval_batches(str(data_dir), "test", batch_size=config.eval_batch_size,
+                                      buckets=pipeline.batch_lengths(config.data, data_dir)):
         host = train._select_labels(host, idx)
         pred, _ = trainer.jitted_eval_step(state, host.for_device())
         outs.append({**{k: np.asarray(v) for k, v in pred.items()}, "labels": host.labels,

@@ -54,7 +54,8 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
     sums = counts = None
     flux_sum = flux_n = None
     wavelength, n_stars = None, 0
-    for host in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size):
+    for host in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size,
+                                      buckets=pipeline.batch_lengths(config.data, data_dir)):
         keep = host.valid.copy()
         if sel:
             j = manifest.label_names.index(sel[0])

@@ -169,7 +169,7 @@ def shard_read(d):
 
 
 def pipeline_read(d):
-    return lambda: list(pipeline.eval_batches(str(d), "test", batch_size=4, num_threads=1))
+    return lambda: list(pipeline.eval_batches(str(d), "test", batch_size=4))
 
 
 # ----------------------------------------------------------------------------------------------

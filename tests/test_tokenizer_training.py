@@ -50,7 +50,7 @@ def test_bucketed_batches_hold_one_bucket_each_and_resume_exactly(tmp_path):
     lengths = [40] * 12 + [100] * 12
     _write(tmp_path, lengths)
     kw = dict(batch_size=4, seed=3, buckets=(64, 128), num_threads=1)
-    it = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    it = pipeline.train_iterator(str(tmp_path), **kw)
     seen = []
     for _ in range(12):  # two epochs
         b = next(it)
@@ -61,21 +61,21 @@ def test_bucketed_batches_hold_one_bucket_each_and_resume_exactly(tmp_path):
     assert {len(x) for x in seen} == {4}
     assert sorted(sum(seen[:6], [])) == list(range(24)), "an epoch sees every spectrum once"
     assert seen[:6] != seen[6:12], "each epoch reshuffles"
-    it = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    it = pipeline.train_iterator(str(tmp_path), **kw)
     for _ in range(5):
         next(it)
     state = it.get_state()
-    again = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    again = pipeline.train_iterator(str(tmp_path), **kw)
     again.set_state(state)
     assert [next(again).ids.tolist() for _ in range(4)] == seen[5:9]
 
 
 def test_processes_get_disjoint_rows_of_the_same_bucket(tmp_path):
     _write(tmp_path, [40] * 8 + [100] * 8)
-    glob = pipeline.bucketed_train_iterator(str(tmp_path), batch_size=4, seed=0,
+    glob = pipeline.train_iterator(str(tmp_path), batch_size=4, seed=0,
                                             buckets=(64, 128), num_threads=1,
                                             process_index=0, process_count=1)
-    parts = [pipeline.bucketed_train_iterator(str(tmp_path), batch_size=2, seed=0,
+    parts = [pipeline.train_iterator(str(tmp_path), batch_size=2, seed=0,
                                               buckets=(64, 128), num_threads=1,
                                               process_index=p, process_count=2) for p in (0, 1)]
     for _ in range(4):
@@ -87,9 +87,9 @@ def test_processes_get_disjoint_rows_of_the_same_bucket(tmp_path):
 
 def test_bucketed_eval_sees_every_spectrum_once(tmp_path):
     _write(tmp_path, [40] * 5 + [100] * 3, split="test")
-    batches = list(pipeline.bucketed_eval_batches(str(tmp_path), "test", batch_size=4,
+    batches = list(pipeline.eval_batches(str(tmp_path), "test", batch_size=4,
                                                   buckets=(64, 128)))
-    assert len(batches) == pipeline.num_bucketed_eval_batches(str(tmp_path), "test", 4,
+    assert len(batches) == pipeline.num_eval_batches(str(tmp_path), "test", 4,
                                                               (64, 128)) == 3
     ids = np.concatenate([b.ids[b.valid] for b in batches])
     assert sorted(ids.tolist()) == list(range(8))

@@ -1,26 +1,25 @@
 """Grain pipelines: ArrayRecord shards -> decoded records -> host batches -> global sharded arrays.
 
-Training stream: records of the train split, sliced per process, shuffled with the run's seed
-(a new permutation every epoch), repeated forever, stacked into fixed-size batches. Its Grain
-iterator state is a small dict that :mod:`spectrax.checkpoint` stores with the model, so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+Batches come in a few pixel lengths, the *buckets*: ``config.data.buckets`` for spectra on their
+native grids (SDSS ~4000 px next to APOGEE's 7514), or the one fixed length of a model on one
+grid (``config.data.length``, else the shard grid's: a single bucket). Every spectrum goes to
+the smallest bucket that holds it and is padded to its length (padding pixels: masked,
+λ = −1); a batch holds spectra of one bucket; the model compiles once per bucket.
+:func:`bucket_plan` reports the padding waste of a policy. One mechanism for both cases.
 
-Evaluation stream: every record of a split exactly once, in file order, the last batch padded
-with invalid rows (``SpectrumBatch.valid`` False) so that no spectrum is dropped and shapes stay
-static for jit.
+Training stream (:func:`train_iterator`): endless, shuffled per epoch with the run's seed,
+deterministic in (seed, batch index); every process computes the same global batch and takes
+its own rows of it. Its Grain iterator state is a position, which :mod:`spectrax.checkpoint`
+stores with the model, so a resumed run sees exactly the batches an uninterrupted run would
+have seen, and the global batches do not depend on the number of processes.
 
-Variable-length data (spectra on their native grids: SDSS ~4000 px next to APOGEE's 7514) is
-BUCKETED here, not in the model: with ``buckets=(L1, L2, ...)`` every spectrum goes to the
-smallest bucket length that holds it, each batch is drawn from one bucket and padded to its
-length (padding pixels: masked, λ = −1). Spectra of different surveys share a batch whenever
-they share a bucket (one bucket = everything mixed, most padding). The model compiles once per
-bucket length. :func:`bucket_plan` reports the padding waste of a policy.
+Evaluation stream (:func:`eval_batches`): every record of a split exactly once, bucket by
+bucket in read order, each bucket's last batch padded with invalid rows
+(``SpectrumBatch.valid`` False) so that no spectrum is dropped and shapes stay static for jit.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 from typing import Any, Iterable, Iterator, Sequence
 
 import grain
@@ -31,60 +30,27 @@ from spectrax.data import inputs, shards
 from spectrax.spectra import SpectrumBatch, SpectrumError, pad_batch_rows, stack_records
 
 
-def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
-           length: int | None, batch_size: int) -> SpectrumBatch:
-    batch = stack_records(list(records), num_labels=num_labels, grid=grid, length=length)
-    return pad_batch_rows(batch, batch_size)
+def batch_lengths(data_cfg, directory) -> tuple[int, ...]:
+    """The pixel lengths of a config's batches: ``data.buckets``, else its fixed length
+    (``data.length``, else :func:`_one_bucket` of the shard directory) as one bucket."""
+    if tuple(data_cfg.buckets):
+        return tuple(sorted(int(b) for b in data_cfg.buckets))
+    return (int(data_cfg.length),) if data_cfg.length else _one_bucket(directory)
 
 
-def _source(directory: str, split: str) -> grain.MapDataset:
-    """The split's records as a random-access Grain dataset of decoded dicts."""
-    return grain.MapDataset.source(shards.ShardSource(directory, split))
-
-
-def pixel_length(manifest: shards.Manifest, requested: int | None = None) -> int | None:
-    """Pixel axis length of batches: the config's request, else the manifest grid's length."""
-    if requested:
-        return int(requested)
-    grid = manifest.grid_array()
-    return None if grid is None else len(grid)
-
-
-def train_iterator(directory: str, *, batch_size: int, seed: int, split: str = "train",
-                   length: int | None = None, num_threads: int = 2,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of host batches of this process's share.
-
-    Args:
-      directory: shard directory (with manifest.json).
-      batch_size: rows per batch on THIS process (global batch / process count).
-      seed: shuffle seed; each epoch gets its own permutation derived from it.
-      length: pixel axis length (default: the manifest grid's length).
-      num_threads: Grain reader threads.
-
-    The iterator supports ``get_state()`` / ``set_state(state)`` for exact resumption.
-    """
+def _one_bucket(directory) -> tuple[int]:
+    """The length of the shard directory's shared grid, or, when its records carry their own
+    grids (e.g. APOGEE-like stars, all 7514 px), its longest record over every split."""
     manifest = shards.read_manifest(directory)
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    ds = _source(directory, split)
-    if len(ds) < batch_size * pc:
-        raise ValueError(
-            f"{directory}: split '{split}' has {len(ds)} spectra, fewer than one global batch "
-            f"({batch_size} x {pc} processes); lower config.batch_size")
-    ds = ds[pi::pc]  # each process reads a disjoint slice of the data
-    stack = functools.partial(_stack, num_labels=len(manifest.label_names),
-                              grid=manifest.grid_array(),
-                              length=pixel_length(manifest, length), batch_size=batch_size)
-    ds = (ds.seed(seed).shuffle().repeat()
-          .batch(batch_size, drop_remainder=True, batch_fn=stack))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
-    return iter(ds.to_iter_dataset(options))
+    grid = manifest.grid_array()
+    if grid is not None:
+        return (len(grid),)
+    return (max(int(shards.record_lengths(directory, s).max(initial=1))
+                for s in manifest.splits),)
 
 
 # --------------------------------------------------------------------------------------------
-# Length buckets (variable-length spectra)
+# Length buckets
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
@@ -127,7 +93,8 @@ def bucket_plan(lengths: np.ndarray, buckets: Sequence[int], where: str = "data"
         raise SpectrumError(
             f"{where}: {too_long.size} spectra are longer than the largest bucket "
             f"({buckets[-1]} px), e.g. record {int(too_long[0])} with "
-            f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets")
+            f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets (or "
+            "raise config.data.length)")
     assignment = inputs.bucket_index(lengths, buckets)
     padded = np.asarray(buckets)[assignment]
     total = float(lengths.sum())
@@ -193,20 +160,33 @@ class _ReadBucketBatch:
                              length=self.plan.buckets[bucket])
 
 
-def bucketed_train_iterator(directory: str, *, batch_size: int, seed: int, buckets: Sequence[int],
-                            split: str = "train", num_threads: int = 2,
-                            process_index: int | None = None,
-                            process_count: int | None = None) -> grain.DatasetIterator:
-    """Like :func:`train_iterator`, but every batch holds spectra of one length bucket, padded
-    to that bucket's length (module docstring). ``batch_size`` is per process; all processes
-    see the same bucket at the same step (their rows are disjoint slices of one global batch).
-    Its padding waste: :func:`bucket_plan` of :func:`spectrax.data.shards.record_lengths`.
+def train_iterator(directory: str, *, batch_size: int, seed: int,
+                   buckets: Sequence[int] | None = None, split: str = "train",
+                   num_threads: int = 2, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's rows of the global batches.
+
+    Args:
+      directory: shard directory (with manifest.json).
+      batch_size: rows per batch on THIS process (global batch / process count).
+      seed: shuffle seed; each epoch gets its own permutation derived from it.
+      buckets: batch lengths in pixels (:func:`batch_lengths`); default: the shard grid's
+        length as one bucket.
+      num_threads: Grain reader threads.
+
+    Every batch holds spectra of one bucket, padded to its length; all processes see the same
+    bucket at the same step. The iterator supports ``get_state()`` / ``set_state(state)`` for
+    exact resumption.
     """
     manifest = shards.read_manifest(directory)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
-                       where=f"{directory} split '{split}'")
+    if manifest.count(split) < batch_size * pc:
+        raise ValueError(
+            f"{directory}: split '{split}' has {manifest.count(split)} spectra, fewer than one "
+            f"global batch ({batch_size} x {pc} processes); lower config.batch_size")
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory), where=f"{directory} split '{split}'")
     schedule = _BucketSchedule(plan, batch_size * pc, seed)
     read = _ReadBucketBatch(shards.ShardSource(directory, split), schedule, plan,
                             process_index=pi, process_count=pc,
@@ -217,45 +197,30 @@ def bucketed_train_iterator(directory: str, *, batch_size: int, seed: int, bucke
     return iter(ds.to_iter_dataset(options))
 
 
-def bucketed_eval_batches(directory: str, split: str, *, batch_size: int, buckets: Sequence[int]
-                          ) -> Iterator[SpectrumBatch]:
+def eval_batches(directory: str, split: str, *, batch_size: int,
+                 buckets: Sequence[int] | None = None) -> Iterator[SpectrumBatch]:
     """Every spectrum of ``split`` once, bucket by bucket (read order within a bucket); each
-    bucket's last batch padded with invalid rows."""
+    bucket's last batch padded with invalid rows. ``buckets`` as in :func:`train_iterator`."""
     manifest = shards.read_manifest(directory)
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
-                       where=f"{directory} split '{split}'")
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory), where=f"{directory} split '{split}'")
     source = shards.ShardSource(directory, split)
+    grid = manifest.grid_array()
     for b, length in enumerate(plan.buckets):
         members = np.flatnonzero(plan.assignment == b)
         for start in range(0, len(members), batch_size):
             records = [source[int(k)] for k in members[start:start + batch_size]]
-            yield _stack(records, num_labels=len(manifest.label_names),
-                         grid=manifest.grid_array(), length=length, batch_size=batch_size)
+            batch = stack_records(records, num_labels=len(manifest.label_names), grid=grid,
+                                  length=length)
+            yield pad_batch_rows(batch, batch_size)
 
 
-def num_bucketed_eval_batches(directory: str, split: str, batch_size: int,
-                              buckets: Sequence[int]) -> int:
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets)
+def num_eval_batches(directory: str, split: str, batch_size: int,
+                     buckets: Sequence[int] | None = None) -> int:
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory))
     counts = np.bincount(plan.assignment, minlength=len(plan.buckets))
     return int(sum(-(-c // batch_size) for c in counts))
-
-
-def eval_batches(directory: str, split: str, *, batch_size: int, length: int | None = None,
-                 num_threads: int = 2) -> Iterator[SpectrumBatch]:
-    """Every spectrum of ``split`` once, in order; the last batch padded with invalid rows."""
-    manifest = shards.read_manifest(directory)
-    stack = functools.partial(_stack, num_labels=len(manifest.label_names),
-                              grid=manifest.grid_array(),
-                              length=pixel_length(manifest, length), batch_size=batch_size)
-    ds = (_source(directory, split)
-          .batch(batch_size, drop_remainder=False, batch_fn=stack))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
-    yield from ds.to_iter_dataset(options)
-
-
-def num_eval_batches(directory: str, split: str, batch_size: int) -> int:
-    n = shards.read_manifest(directory).count(split)
-    return -(-n // batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +277,3 @@ def to_global(batch: SpectrumBatch, sharding: jax.sharding.NamedSharding) -> Spe
         return jax.make_array_from_process_local_data(s, np.asarray(x))
 
     return jax.tree.map(put, batch.for_device())
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
