@@ -10,7 +10,7 @@ scale them to an observed magnitude.
 
 Populations (:data:`POPULATIONS`) — parameter distributions
   Every galaxy is star-forming or quiescent (probability ``quiescent_fraction``).
-  * Star-forming: delayed-τ SFH started at a fraction U(0.45, 0.97) of the age of the universe
+  * Star-forming: delayed-τ SFH started at a fraction U(0.6, 0.97) of the age of the universe
     at its z before observation, τ log-uniform on ``sf_tau`` Gyr; with probability
     ``burst_prob`` a burst of mass fraction log-uniform on ``burst_frac`` at a lookback age
     log-uniform 10 Myr–1 Gyr. Gas-phase = stellar metallicity log Z/Z☉ ~ N(``sf_logz``, 0.15);
@@ -52,6 +52,7 @@ LINE_WAVE = sps.LINE_WAVE
 _L = {k: i for i, k in enumerate(LINE_NAMES)}
 STELLAR_TO_NEBULAR_EBV = 0.44  # Calzetti et al. (2000)
 EBV_MAX = 1.0
+SF_START = (0.6, 0.97)  # star-forming galaxies began at this fraction of the cosmic age
 OIII_RATIO = 2.98  # [OIII] 5008/4960
 NII_RATIO = 3.05   # [NII] 6585/6550
 GYR = 1e9
@@ -73,7 +74,7 @@ class Population:
 
 POPULATIONS = {
     # DESI BGS and the SDSS main sample: bimodal, ~40% quiescent (see synthetic.py's docstring)
-    "bgs": Population(quiescent_fraction=0.40, sf_tau=(1.0, 30.0), burst_prob=0.25,
+    "bgs": Population(quiescent_fraction=0.40, sf_tau=(1.0, 15.0), burst_prob=0.25,
                       burst_frac=(0.003, 0.08), sf_logz=-0.05, sf_logu=-3.2, sf_ebv=0.25,
                       sigma_gas=(30.0, 120.0)),
     # DESI ELGs: blue, strongly star-forming, lower Z and higher U at z ~ 1
@@ -102,7 +103,7 @@ def draw_physical(rng: np.random.Generator, z: np.ndarray, population: str) -> d
     t_univ = sps.age_of_universe(z)
     passive = rng.random(n) < pop.quiescent_fraction
     # star-forming draws
-    sf_start = t_univ * rng.uniform(0.45, 0.97, n)
+    sf_start = t_univ * rng.uniform(*SF_START, n)
     sf_tau = _log_uniform(rng, *pop.sf_tau, n) * GYR
     has_burst = rng.random(n) < pop.burst_prob
     b_age = _log_uniform(rng, 1e7, 1e9, n)

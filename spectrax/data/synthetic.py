@@ -27,7 +27,7 @@ Populations matched to the DESI samples (published figures; values recalled from
 no internet here — so only coarse, robust features are matched; :mod:`benchmarks.realism`
 measures each against the simulator)
   ``bgs`` (Hahn et al. 2023, AJ 165, 253, DESI BGS target selection and SV validation):
-    redshifts p(z) ∝ z² exp(−(z/0.19)^1.5) on 0.02–0.6 (mode 0.23, median ≈ 0.22; BGS Bright
+    redshifts p(z) ∝ z² exp(−(z/0.16)^1.5) on 0.02–0.6 (mode 0.19, median 0.22; BGS Bright
     n(z) peaks near z ≈ 0.2 and has a tail to 0.6); total r < 19.5 (BGS Bright, 80%) and
     19.5–20.175 (BGS Faint, 20%) with counts d log N / dm = 0.4, spectrum r = total r + Δ, Δ ~
     N(1.25 − 1.6 z, 0.25) on 0.2–2.0 (fibre losses fall with z); colour bimodality: 40%
@@ -147,6 +147,7 @@ ELG = SampleConfig(code=2, population="elg", z_range=(0.6, 1.6), rmag_range=(22.
                    background="dark")
 _CONFIGS = {"bgs": BGS, "elg": ELG}
 BGS_FAINT = (19.5, 20.175, 0.2)   # BGS Faint: total r range and fraction of the sample
+BGS_Z_SCALE = 0.16   # p(z) ∝ z² exp(−(z/s)^1.5): mode (4/3)^(2/3) s = 0.19
 
 # Background variance rate V(λ) (flux² · s): median 1/ivar × t_eff of the real DESI coadds in
 # ../shared/fixtures/real/desi, in windows centred at BACKGROUND_WAVE (Å); see the module
@@ -363,7 +364,7 @@ def _redshift_cdf(sample: str) -> tuple[np.ndarray, np.ndarray]:
     cfg = _config(sample)
     z = np.linspace(cfg.z_range[0], cfg.z_range[1], 4001)
     if sample == "bgs":
-        pdf = z**2 * np.exp(-((z / 0.19) ** 1.5))
+        pdf = z**2 * np.exp(-((z / BGS_Z_SCALE) ** 1.5))
     else:
         sig = np.where(z < 0.85, 0.12, 0.35)
         pdf = np.exp(-0.5 * ((z - 0.85) / sig) ** 2)
