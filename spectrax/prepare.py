@@ -41,7 +41,7 @@ from spectrax.data import grids, shards
 from spectrax.data.readers import READERS
 from spectrax.spectra import SpectrumError, sanitize_record
 
-SIM_VERSION = 1  # bump when the simulator's output changes so caches are regenerated
+SIM_VERSION = 2  # bump when the simulator's output changes so caches are regenerated
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 DESI_GRID = {"kind": "linear", "start": grids.DESI_WAVE_MIN, "step": grids.DESI_WAVE_STEP,
              "n": grids.DESI_NPIX}
