@@ -331,8 +331,11 @@ def sps_model() -> SPSModel:
 # ---------------------------------------------------------------------------------------------
 # Star-formation histories
 # ---------------------------------------------------------------------------------------------
-_SFH_AGES = np.concatenate([np.linspace(0.0, 1e7, 21)[:-1],
-                            np.exp(np.linspace(np.log(1e7), np.log(1.4e10), 241))])
+# Sub-steps of the SFH integral: 0.5 Myr to 10 Myr, then 1% in age; every bin edge is a
+# sub-step edge, so no sub-step straddles two bins (midpoint rule within each).
+_SFH_AGES = np.unique(np.concatenate([np.linspace(0.0, 1e7, 21),
+                                      np.exp(np.linspace(np.log(1e7), np.log(1.4e10), 726)),
+                                      AGE_EDGES]))
 _SFH_MID = 0.5 * (_SFH_AGES[1:] + _SFH_AGES[:-1])
 _SFH_DT = np.diff(_SFH_AGES)
 _SFH_BIN = np.searchsorted(AGE_EDGES, _SFH_MID, side="right") - 1       # bin of every sub-step
