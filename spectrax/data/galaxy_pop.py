@@ -13,8 +13,12 @@ Populations (:data:`POPULATIONS`) — parameter distributions
   * Star-forming: delayed-τ SFH started at a fraction U(0.6, 0.97) of the age of the universe
     at its z before observation, τ log-uniform on ``sf_tau`` Gyr; with probability
     ``burst_prob`` a burst of mass fraction log-uniform on ``burst_frac`` at a lookback age
-    log-uniform 10 Myr–1 Gyr. Gas-phase = stellar metallicity log Z/Z☉ ~ N(``sf_logz``, 0.15);
-    log U ~ N(``sf_logu``, 0.25) on −3.8…−1.8; nebular E(B−V) exponential with mean
+    log-uniform 10 Myr–1 Gyr. Gas-phase = stellar metallicity log Z/Z☉ ~ N(``sf_logz``,
+    ``sf_logz_sigma``) on log 0.2…log 2.5; log U = ``sf_logu`` − 0.8 (log Z − ``sf_logz``) +
+    N(0, 0.2) on −3.8…−2.0 (metal-rich HII regions have lower ionisation parameters, U ∝
+    Z^−0.8, Dopita et al. 2006; it keeps galaxies on the observed BPT star-forming sequence,
+    [NII]/Hα ≈ 0.1–0.5 with [OIII]/Hβ falling as [NII]/Hα rises); nebular E(B−V) exponential
+    with mean
     ``sf_ebv`` (≤ 1.0); σ* log-uniform 40–150, σ_gas log-uniform on ``sigma_gas``.
   * Quiescent: delayed-τ with τ log-uniform 0.3–1.5 Gyr started at U(0.75, 0.97) of the age of
     the universe, quenched at a lookback age U(0.15, 0.6) × the start age with e-folding
@@ -67,6 +71,7 @@ class Population:
     burst_prob: float
     burst_frac: tuple[float, float]      # log-uniform
     sf_logz: float                       # mean log Z/Z☉ of star-forming galaxies
+    sf_logz_sigma: float                 # its spread (dex)
     sf_logu: float                       # mean log U
     sf_ebv: float                        # mean nebular E(B−V) of star-forming galaxies
     sigma_gas: tuple[float, float]       # km/s, log-uniform
@@ -75,15 +80,18 @@ class Population:
 POPULATIONS = {
     # DESI BGS and the SDSS main sample: bimodal, ~40% quiescent (see synthetic.py's docstring)
     "bgs": Population(quiescent_fraction=0.40, sf_tau=(1.0, 15.0), burst_prob=0.25,
-                      burst_frac=(0.003, 0.08), sf_logz=-0.05, sf_logu=-3.2, sf_ebv=0.25,
+                      burst_frac=(0.003, 0.08), sf_logz=-0.2, sf_logz_sigma=0.25,
+                      sf_logu=-3.1, sf_ebv=0.25,
                       sigma_gas=(30.0, 120.0)),
     # DESI ELGs: blue, strongly star-forming, lower Z and higher U at z ~ 1
     "elg": Population(quiescent_fraction=0.0, sf_tau=(3.0, 50.0), burst_prob=0.3,
-                      burst_frac=(0.01, 0.10), sf_logz=-0.3, sf_logu=-2.8, sf_ebv=0.15,
+                      burst_frac=(0.01, 0.10), sf_logz=-0.35, sf_logz_sigma=0.2,
+                      sf_logu=-2.8, sf_ebv=0.15,
                       sigma_gas=(30.0, 100.0)),
     # luminous red galaxies (BOSS LOWZ / CMASS-like): all quiescent
     "lrg": Population(quiescent_fraction=1.0, sf_tau=(1.0, 30.0), burst_prob=0.0,
-                      burst_frac=(0.01, 0.1), sf_logz=0.0, sf_logu=-3.2, sf_ebv=0.2,
+                      burst_frac=(0.01, 0.1), sf_logz=0.0, sf_logz_sigma=0.15,
+                      sf_logu=-3.2, sf_ebv=0.2,
                       sigma_gas=(30.0, 120.0)),
 }
 
@@ -126,9 +134,11 @@ def draw_physical(rng: np.random.Generator, z: np.ndarray, population: str) -> d
                               quench_tau=np.where(passive, q_etau, 1.0),
                               burst_age=np.where(passive, psb_age, b_age),
                               burst_frac=np.where(passive, np.where(psb, psb_frac, 0.0), b_frac))
-    log_z = np.where(passive, rng.normal(0.1, 0.1, n), rng.normal(pop.sf_logz, 0.15, n))
+    log_z = np.where(passive, rng.normal(0.1, 0.1, n),
+                     rng.normal(pop.sf_logz, pop.sf_logz_sigma, n))
     log_z = np.clip(log_z, sps.LOGZ[0], sps.LOGZ[-1])
-    log_u = np.clip(rng.normal(pop.sf_logu, 0.25, n), -3.8, -1.8)
+    log_u = np.clip(pop.sf_logu - 0.8 * (log_z - pop.sf_logz) + rng.normal(0.0, 0.2, n),
+                    -3.8, -2.0)
     ebv = np.minimum(rng.exponential(1.0, n) * np.where(passive, 0.05, pop.sf_ebv), EBV_MAX)
     sigma_star = np.where(passive, _log_uniform(rng, 110.0, 300.0, n),
                           _log_uniform(rng, 40.0, 150.0, n))
