@@ -18,8 +18,9 @@ population distributions and generation speed of the embedded simulator.
      eigenspectra plus a quadratic polynomial at the pipeline redshift; its χ²/pixel is
      recomputed here on the same valid pixels, SPECOBJ RCHI2 kept next to it). The QSO file is listed
      but is not a galaxy (outside the simulator's classes).
-   Both for n_components = 6 (template_fit's default) and 10 (Redrock's number of galaxy
-   coefficients, the fair comparison).
+   For n_components = 6 (template_fit's default), 10 (Redrock's number of galaxy
+   coefficients, the fair comparison) and 16 (does the simulator span the real spectrum when
+   the basis is allowed more directions?).
 2. Noise calibration: a simulated star-forming galaxy at the DESI fixture's z, spectrum r and
    effective time (0.14 × TSNR2_BGS) against the fixture's median σ per wavelength window, and
    the background rate V(λ) of :mod:`spectrax.data.synthetic` re-measured from the files.
@@ -64,6 +65,7 @@ def _define_flags() -> None:
 
 DESI_TARGET = 39633345008634465
 DZ_TOL = 0.00334            # |Δz| < DZ_TOL (1+z): 1000 km/s
+COMPONENTS = (6, 10, 16)    # template_fit's default, Redrock's count, a larger basis
 SDSS_FILES = ("spec-0854-52373-0369", "spec-1372-53062-0072", "spec-1737-53055-0369",
               "spec-0907-52373-0419")
 # BOSS-like 3600–10350 Å: wider than the SDSS files (3800–9200 Å) so that low-z training
@@ -229,14 +231,14 @@ def main(argv) -> None:
     folder = Path(FLAGS.fixtures)
     if not folder.is_dir():
         raise SystemExit(f"{folder} not found: the realism benchmark needs the real fixtures")
-    row: dict = {"benchmark": "realism", "sim_version": "sps-1", **machine()}
+    row: dict = {"benchmark": "realism", "sim_version": "sps-2", **machine()}
 
     fix = desi_fixture(folder)
     wave = desi_wavelength()
     train = tf.simulated_split(FLAGS.n_train, 0, "bgs")
     desi_rows = []
     templates10 = None
-    for k in (6, 10):
+    for k in COMPONENTS:
         t = tf.fit_templates(train["flux"], train["ivar"], train["mask"], train["wavelength"],
                              train["z"], n_components=k)
         templates10 = t if k == 10 else templates10
@@ -251,7 +253,7 @@ def main(argv) -> None:
     sim = sim_galaxies.simulate_galaxies(FLAGS.n_train_sdss, SDSS_GRID, 0, resolving_power=2000.0,
                                          lrg_fraction=0.0, snr_range=(10.0, 60.0))
     sdss_t = {k: tf.fit_templates(sim["flux"], sim["ivar"], sim["mask"], SDSS_GRID, sim["z"],
-                                  n_components=k) for k in (6, 10)}
+                                  n_components=k) for k in COMPONENTS}
     sdss_rows = []
     for name in SDSS_FILES:
         path = folder / "sdss" / f"{name}.fits"

@@ -44,7 +44,7 @@ measures each against the simulator)
   goal per tile, dark: 1000 s; DESI Collaboration 2023, SV overview; the EDR coadds combine
   several tiles, hence the long tail): ``bgs`` log-normal median 180 s (σ_ln 0.45, 100–3000
   s), ``elg`` median 1000 s (σ_ln 0.3, 500–4000 s). Check: a simulated star-forming galaxy
-  with the DESI fixture's z, spectrum r and t_eff gets the fixture's noise σ within 15% in
+  with the DESI fixture's z, spectrum r and t_eff gets the fixture's noise σ within 7% in
   every camera window (benchmarks/realism.py); its median S/N differs by its colour.
 
 Instrument
@@ -58,15 +58,16 @@ Noise (calibrated on the real DESI coadds of ../shared/fixtures)
   where t_eff is the effective time, C(λ) = A λ Δλ / (hc) the detected counts per second per
   flux unit at throughput 1 (A = 8.65 m²), T the throughput, ε a per-spectrum log-normal
   factor (σ_ln 0.15; observing conditions), and V(λ) the background variance rate
-  (flux² · s) MEASURED on the real coadds: the median of 1/ivar × t_eff in 27 windows of
-  the DESI fixture galaxy (TARGETID 39633345008634465, bright time, t_eff = 0.14 × TSNR2_BGS
-  = 3,095 s) for ``bgs`` and of the two SV3 dark-time targets (t_eff = 8.6 × TSNR2_ELG) for
-  ``elg`` (:data:`BACKGROUND_RATE`; rising steeply to the blue, where the moonlit bright sky
-  and read noise dominate; V includes the coadds' read noise and sky continuum). Sky lines:
-  the night-sky lines of :func:`sky_lines` at the instrument's width add photon noise. ivar = 1/variance. Flux = object + sky-subtraction residual (per-line
-  scale errors of ~2%, a common wavelength offset of ~0.03 Å, ~0.5% of the sky continuum) +
-  Gaussian noise. Cosmic rays (Poisson, mean 3 per spectrum) and fixed bad columns of a
-  fibre's petal are masked pixels: mask False, flux 0, ivar 0.
+  (flux² · s) MEASURED on the real coadds: the median of 1/ivar × t_eff, less the target's
+  own photon noise (median flux / (C T)), in 27 windows of the DESI fixture galaxy (TARGETID
+  39633345008634465, bright time, t_eff = 0.14 × TSNR2_BGS = 3,095 s) for ``bgs`` and of the
+  two SV3 dark-time targets (t_eff = 8.6 × TSNR2_ELG) for ``elg`` (:data:`BACKGROUND_RATE`;
+  rising steeply to the blue, where the moonlit bright sky and read noise dominate; V holds
+  the coadds' read noise and sky continuum). The night-sky lines of :func:`sky_lines` at the
+  instrument's width add photon noise. ivar = 1/variance. Flux = object + sky-subtraction
+  residual (per-line scale errors of ~2%, a common wavelength offset of ~0.03 Å, ~0.5% of the
+  sky continuum) + Gaussian noise. Cosmic rays (Poisson, mean 3 per spectrum) and fixed bad
+  columns of a fibre's petal are masked pixels: mask False, flux 0, ivar 0.
 """
 from __future__ import annotations
 
@@ -150,18 +151,19 @@ BGS_FAINT = (19.5, 20.175, 0.2)   # BGS Faint: total r range and fraction of the
 BGS_Z_SCALE = 0.16   # p(z) ∝ z² exp(−(z/s)^1.5): mode (4/3)^(2/3) s = 0.19
 
 # Background variance rate V(λ) (flux² · s): median 1/ivar × t_eff of the real DESI coadds in
-# ../shared/fixtures/real/desi, in windows centred at BACKGROUND_WAVE (Å); see the module
-# docstring. benchmarks/realism.py re-measures it from the files and tests compare.
+# ../shared/fixtures/real/desi minus the target's own photon noise (its median flux × 1/(C T)),
+# in windows centred at BACKGROUND_WAVE (Å); see the module docstring. tests/test_realism.py
+# re-measures it from the files.
 BACKGROUND_WAVE = (3650, 3750, 3900, 4125, 4375, 4625, 4875, 5125, 5375, 5625, 5875, 6125,
                    6375, 6625, 6875, 7125, 7375, 7625, 7875, 8125, 8375, 8625, 8875, 9125,
                    9375, 9625, 9787)
 BACKGROUND_RATE = {
-    "bright": (11820.7, 3827.6, 1780.4, 1068.2, 618.4, 469.7, 333.1, 277.0, 228.3, 212.1, 135.4,
-               103.2, 83.6, 69.6, 65.5, 55.2, 54.3, 56.9, 40.5, 32.0, 28.8, 25.1, 27.0, 25.9,
-               46.3, 48.6, 51.4),
-    "dark": (9898.5, 3375.2, 1312.4, 691.2, 456.6, 315.4, 221.4, 189.7, 178.7, 187.1, 151.5,
-             113.4, 95.7, 77.8, 68.4, 66.9, 77.2, 75.7, 57.8, 45.4, 41.5, 41.1, 45.7, 39.1,
-             103.6, 107.0, 111.3),
+    "bright": (11744.1, 3770.1, 1741.8, 1039.0, 597.8, 451.0, 317.6, 262.8, 214.0, 198.8, 123.4,
+               92.3, 74.0, 61.1, 57.1, 47.9, 47.7, 50.5, 34.9, 26.7, 23.3, 19.6, 21.1, 19.7,
+               40.2, 42.6, 44.6),
+    "dark": (9886.6, 3368.8, 1309.1, 690.4, 455.2, 314.1, 220.1, 188.8, 177.4, 185.4, 150.0,
+             111.9, 94.1, 76.2, 66.5, 65.4, 74.7, 73.3, 55.3, 42.4, 38.2, 37.4, 41.4, 34.6,
+             97.9, 100.1, 102.9),
 }
 EFFTIME_PER_TSNR2 = {"bgs": 0.14, "elg": 8.6}  # desispec: EFFTIME = k × TSNR2_<tracer> (s)
 COLLECTING_AREA = 8.65e4   # cm², DESI primary (3.8 m, obstructed)
