@@ -98,14 +98,12 @@ def test_model_shapes_and_units(model):
 
 
 def test_d4000_of_single_age_bins_rises_with_age(model):
-    w = model.wave
     d = [galaxy_pop.truth({"coeff": _coeff(b), "ebv": np.zeros(1),
                            "line_lum": np.zeros((1, len(sps.LINE_NAMES))),
                            "liner_ratio": np.zeros((1, len(sps.LINE_NAMES))),
                            "liner_ew": np.zeros(1)})["d4000"][0] for b in range(sps.N_BINS)]
     assert np.all(np.diff(d[1:]) > 0)
     assert d[0] < 1.1 and d[-1] > 2.0     # young: no break; 9–14 Gyr: strong break
-    del w
 
 
 def test_halpha_per_star_formation_rate_matches_kennicutt_evans(model):
@@ -180,7 +178,6 @@ def test_stellar_continuum_matches_direct_convolution(model):
     coeff = sps.coefficients(bins, np.array([0.0, 0.2]))
     got = sps.stellar_continuum(coeff, z, sig, np.log(wave_obs), inst)
     base = (coeff @ model.basis[0].astype(np.float64))              # [2, P] library resolution
-    ln_grid = model.ln_wave0 + sps.DLN * np.arange(model.n_pix)
     for b in range(2):
         for l in rng.choice(np.arange(50, 2950), 40, replace=False):
             ln_rest = np.log(wave_obs[l]) - np.log1p(z[b])
@@ -194,7 +191,6 @@ def test_stellar_continuum_matches_direct_convolution(model):
             kern = np.exp(-0.5 * (kk * sps.DLN / s) ** 2) if s > 0 else (kk == 0) * 1.0
             ref = (vals * kern).sum() / kern.sum()
             assert got[b, l] == pytest.approx(ref, rel=0.01), (b, l, got[b, l], ref)
-    del ln_grid
 
 
 def test_rest_positions_reject_grids_outside_the_model():
