@@ -51,7 +51,7 @@ from spectrax.data import inputs, mixture, preparation, shards
 from spectrax.data.readers import READERS
 from spectrax.spectra import SpectrumError
 
-SIM_VERSION = 2  # bump when the simulator's output changes so caches are regenerated
+SIM_VERSION = 3  # bump when the simulator's output changes so caches are regenerated
 
 
 # ==============================================================================================

