@@ -41,6 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from spectrax import runtime
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("fsdp", 8, "FSDP axis size (the mesh is data=devices/fsdp x fsdp).")
 flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the paper config's (128).")
@@ -198,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -38,6 +38,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from benchmarks.run import loadavg, update_results_md
+from spectrax import runtime
 from spectrax.data import synthetic
 from spectrax.data.grids import DESI_WAVE_MIN, DESI_WAVE_STEP
 
@@ -257,4 +258,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -44,6 +44,7 @@ import numpy as np
 from absl import app, flags
 from astropy.io import fits
 
+from spectrax import runtime
 from spectrax.baselines import template_fit as tf
 from spectrax.data import sim_galaxies, synthetic
 from spectrax.data.grids import desi_wavelength
@@ -294,5 +295,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     _define_flags()
     app.run(main)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from spectrax import runtime
+
 flags.DEFINE_string("variant", "tiny", "ViT variant (tiny on CPU, b16 on accelerators).")
 flags.DEFINE_integer("steps", 200, "Training steps per run.")
 flags.DEFINE_integer("n_train", 1500, "Simulated training spectra.")
@@ -84,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

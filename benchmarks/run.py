@@ -67,6 +67,8 @@ import numpy as np
 
 from benchmarks import flops as F
 
+from spectrax import runtime
+
 # Calls per timed block for the breakdown and predict functions: enough to last about this many
 # seconds (at most --steps), so a slow function (SpectraFM's chunked predict) does not dominate
 # the run while fast ones are still averaged over many calls.
@@ -708,7 +710,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import app
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
     app.run(main)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from spectrax import runtime
+
 flags.DEFINE_string("variant", "small", "SpectraFM variant of the runs.")
 flags.DEFINE_bool("train", False, "Train the runs that do not exist yet.")
 flags.DEFINE_string("runs", "runs", "Directory holding the run directories.")
@@ -133,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from spectrax import runtime
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("specpt_config", "configs/specpt_redshift_bgs.py",
                     "SpecPT redshift config[:arg] (its data are the benchmark's data).")
@@ -161,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

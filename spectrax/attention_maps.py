@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from spectrax import runtime
 import spectrax.train  # noqa: F401  defines --config (the flag of the config a run used)
 from spectrax.models import spectrafm as fm
 
@@ -149,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -15,12 +15,10 @@ step directory that lacks one of the three items.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 # The items of one checkpoint step (sub-directories of ``<step>/``).
@@ -183,8 +181,4 @@ def subtree(tree: dict, prefix: str) -> dict:
     return node
 
 
-def to_numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)
 
-
-logging.getLogger("absl").setLevel(logging.WARNING)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from spectrax.models import spectrafm
+
 
 def parse_arg(arg: str | None, **defaults):
     """Parses ``"variant=paper,foo=1"`` into a ConfigDict of strings over ``defaults``.
@@ -246,7 +248,6 @@ def tokenizer_adapt(kind: str, arg: str | None) -> ml_collections.ConfigDict:
 # SpectraFM (configs/spectrafm_*.py): the paper's three stages and the MLP baseline
 # ----------------------------------------------------------------------------------------------
 SPECTRAFM_FIRST_HALF = (0, 3757)      # stage 2: pixels 0–3756, 1.515–1.603 µm
-SPECTRAFM_FE_WINDOW = (4107, 4619)    # stage 3: 512 pixels, 1.611–1.622 µm, two Fe lines
 
 
 def _spectrafm_base(name: str, arg, **extra):
@@ -307,7 +308,7 @@ def spectrafm_fe_100(arg: str | None) -> ml_collections.ConfigDict:
     c.data.simulator = "apogee_real"
     c.data.train_select, c.data.train_limit = "FE_H > -1", 100
     c.task_kwargs.labels = ("FE_H",)
-    c.task_kwargs.pixel_range = SPECTRAFM_FE_WINDOW
+    c.task_kwargs.pixel_range = spectrafm.FE_WINDOW
     c.init.from_workdir = f"runs/spectrafm_finetune_real-{a.variant}"
     c.optim.freeze = ("encoder/1", "decoder")
     c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 3e-4, "cosine", 10
@@ -326,7 +327,7 @@ def spectrafm_mlp_fe_100(arg: str | None) -> ml_collections.ConfigDict:
     c.task_kwargs.labels = ("FE_H",)
     c.model.name = "window_mlp"
     c.model.num_outputs = 1
-    c.model.pixel_range = SPECTRAFM_FE_WINDOW
+    c.model.pixel_range = spectrafm.FE_WINDOW
     c.data.simulator = "apogee_real"
     c.data.n_train, c.data.n_val, c.data.n_test = 4000, 200, 500
     c.data.train_select, c.data.train_limit = "FE_H > -1", 100

@@ -93,7 +93,7 @@ import numpy as np
 from tqdm import tqdm
 
 import spectrax
-from spectrax import plots
+from spectrax import plots, sharding
 from spectrax.data import inputs, pipeline, shards
 from spectrax.data.readers import READERS
 from spectrax.inference import InferenceModel
@@ -294,8 +294,7 @@ def export_embeddings(config, checkpoint: str | Path, input_paths: Sequence[str]
     cfg = encoder_of(model.model()).cfg
     p, d = cfg.patch_size, cfg.d_model
     encode = model.jit(lambda m, b: encode_batch(encoder_of(m), b))
-    n_dev = model.local_devices
-    batch_size = n_dev * max(1, -(-batch_size // n_dev))
+    batch_size = sharding.round_up_batch(batch_size, model.local_devices)
     policy = length_policy(config)
     found = inputs.discover(input_paths, survey=survey, split=split)
     label_names: list[str] = []

@@ -54,6 +54,7 @@ from astropy.table import Table, vstack
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from spectrax import runtime
 from spectrax import embeddings, sharding
 from spectrax.data import inputs, pipeline
 from spectrax.inference import InferenceModel
@@ -260,8 +261,7 @@ def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path,
     pi, pc = jax.process_index(), jax.process_count()
     model = InferenceModel.from_checkpoint(config, checkpoint)
     policy = inputs.LengthPolicy.for_model(config.data, exact=True)
-    n_dev = model.local_devices
-    batch_size = n_dev * max(1, -(-batch_size // n_dev))  # a multiple of the local devices
+    batch_size = sharding.round_up_batch(batch_size, model.local_devices)
     found = inputs.discover(input_paths, survey=survey, split=split)
     blocks = [(PartStore.key(b), b) for b in inputs.blocks(found.units, block_spectra)]
     store = PartStore(output, {"config": config.name, "step": model.step,
@@ -412,5 +412,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     define_flags()
     app.run(main)

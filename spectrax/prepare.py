@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import app, flags
 
+from spectrax import runtime
 from spectrax.data import inputs, mixture, preparation, shards
 from spectrax.data.readers import READERS
 from spectrax.spectra import SpectrumError
@@ -319,4 +320,5 @@ def run() -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     run()

@@ -34,7 +34,6 @@ from spectrax.tasks import Task
 FLUX_RANGE = (0.05, 1.2)   # SPECS.md §4: normalised flux outside this is bad (NaN)
 STATS_MAX_SPECTRA = 2000   # spectra read to fit the per-pixel statistics
 GIANTS = (1.0, 3.5)        # log g range of the paper's scatter table
-IRON_POOR = -1.0           # [Fe/H] below this is "iron-poor" (stage-3 evaluation)
 
 
 class SpectraFMTask(Task):
@@ -44,7 +43,7 @@ class SpectraFMTask(Task):
       labels: labels to train on and predict (subset of ``spectrafm.LABEL_NAMES``, e.g.
         ("FE_H",) for the stage-3 fine-tune).
       pixel_range: (first, stop) pixel indices of the full grid the model may use; (0, 0) =
-        all (stage 2: (0, 3757); stage 3: (4107, 4619)).
+        all (stage 2: (0, 3757); stage 3: :data:`spectrax.models.spectrafm.FE_WINDOW`).
       context: tokens per forward pass; None = the model's context length (512 in the paper).
       chunk_seed: seed of the chunked-inference permutation.
     """
@@ -241,7 +240,8 @@ class SpectraFMTask(Task):
                 if g.any():
                     res[f"{name}_scatter_giants"] = M.scatter(y[g], yp[g])
             if feh is not None:
-                for tag, sel in (("iron_poor", feh < IRON_POOR), ("iron_rich", feh >= IRON_POOR)):
+                cut = fm.IRON_POOR_FE_H  # (NaN [Fe/H] is in neither group)
+                for tag, sel in (("iron_poor", feh < cut), ("iron_rich", feh >= cut)):
                     s = v & sel
                     if s.any():
                         res[f"{name}_rmse_{tag}"] = M.rmse(y[s], yp[s])

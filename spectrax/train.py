@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import sys
 import time
@@ -28,6 +27,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
+
+from spectrax import runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -661,11 +662,10 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
     """
     from jax.experimental import multihost_utils
 
+    from spectrax import sharding
     from spectrax.data import pipeline
 
-    bs = config.eval_batch_size
-    if bs % jax.device_count():
-        bs = jax.device_count() * max(1, bs // jax.device_count())
+    bs = sharding.round_up_batch(config.eval_batch_size, jax.device_count())
     step = trainer.jitted_eval_step
     outs, losses, examples = [], [], []
     pi, local = jax.process_index(), bs // jax.process_count()
@@ -820,5 +820,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

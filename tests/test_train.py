@@ -246,15 +246,18 @@ def test_dry_run_redshift_heads(variant, total):
     assert counts["total"] == total
 
 
-def test_import_sets_the_xla_cpu_flag_unless_the_user_chose():
+def test_configure_sets_the_xla_cpu_flag_unless_the_user_chose_and_import_does_not():
     import subprocess
     import sys
-    code = "import os, spectrax; print(os.environ.get('XLA_FLAGS', ''))"
+    show = "import os; print(os.environ.get('XLA_FLAGS', ''))"
+    code = f"import spectrax.runtime; spectrax.runtime.configure(); {show}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",
                                                               "SPECTRAX_KEEP_XLA_FLAGS")}
-    run = lambda **extra: subprocess.run([sys.executable, "-c", code],  # noqa: E731
-                                         env={**env, **extra}, capture_output=True, text=True,
-                                         timeout=120).stdout.strip()
+    run = lambda code=code, **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+        timeout=120).stdout.strip()
+    # importing spectrax (and its training module) changes nothing process-wide
+    assert run(f"import spectrax, spectrax.train; {show}") == ""
     from importlib import metadata
     if metadata.version("jaxlib").startswith("0.10."):
         assert run() == "--xla_cpu_experimental_ynn_fusion_type="

@@ -46,6 +46,10 @@ from spectrax.nn.attention import MultiHeadAttention, attend
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LABEL_NAMES = ("TEFF", "LOGG", "O_FE", "MG_FE", "FE_H")
+# The paper's stage 3: [Fe/H] from a 512-pixel window of the 7514-pixel APOGEE spectrum
+# (pixels 4107–4618, 1.611–1.622 µm, two Fe lines), evaluated apart on iron-poor stars.
+FE_WINDOW = (4107, 4619)
+IRON_POOR_FE_H = -1.0  # [Fe/H] below this is "iron-poor"
 PADDING_TOKEN_ID = 0
 
 # Label standardisation of the paper (median, MAD-std), from the synthetic training set; the same
