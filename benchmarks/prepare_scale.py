@@ -215,13 +215,17 @@ def markdown(row: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dir", "/tmp/spectrax-prepare-bench", "Where the benchmark files go.")
-flags.DEFINE_integer("small", 20, "Files of the small set.")
-flags.DEFINE_integer("large", 200, "Files of the large set (≥ 10× small for the memory check).")
-flags.DEFINE_integer("per_file", 500, "Targets per file.")
-flags.DEFINE_integer("batch", 64, "predict batch.")
-flags.DEFINE_string("out", "benchmarks/results.jsonl", "JSON lines appended here; '' = none.")
-flags.DEFINE_string("results_md", "benchmarks/RESULTS.md", "Markdown section; '' = none.")
+
+
+def _define_flags() -> None:
+    """Flags of the command only (tests import this module's functions)."""
+    flags.DEFINE_string("dir", "/tmp/spectrax-prepare-bench", "Where the benchmark files go.")
+    flags.DEFINE_integer("small", 20, "Files of the small set.")
+    flags.DEFINE_integer("large", 200, "Files of the large set (≥ 10× small, memory check).")
+    flags.DEFINE_integer("per_file", 500, "Targets per file.")
+    flags.DEFINE_integer("batch", 64, "predict batch.")
+    flags.DEFINE_string("out", "benchmarks/results.jsonl", "JSON lines appended here; '' = none.")
+    flags.DEFINE_string("results_md", "benchmarks/RESULTS.md", "Markdown section; '' = none.")
 
 
 def main(argv):
@@ -259,4 +263,5 @@ def main(argv):
 
 if __name__ == "__main__":
     runtime.configure()  # XLA:CPU flag and log levels, before any computation
+    _define_flags()
     app.run(main)
