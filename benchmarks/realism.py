@@ -142,10 +142,10 @@ def noise_calibration(fix: dict) -> dict:
     rmag = -2.5 * np.log10(mean_r * 1e-17 * synthetic.R_BAND_EFF**2 / (synthetic.C_KMS * 1e13)) \
         - 48.6
     efftime = synthetic.EFFTIME_PER_TSNR2["bgs"] * fix["tsnr2_bgs"]
-    p, nrng = synthetic._draw_block("bgs", 0, 0)
+    p, nrng = synthetic.draw_block("bgs", 0, 0)
     p.update(z=np.full_like(p["z"], fix["z"]), rmag=np.full_like(p["rmag"], rmag),
              efftime=np.full_like(p["z"], efftime), noise_eps=np.ones_like(p["z"]))
-    out = synthetic._render(p, [nrng], "bgs", False, True)
+    out = synthetic.render_block(p, [nrng], "bgs", False, True)
     sf = ~out["passive"]
     rows = []
     for lo, hi in WINDOWS:

@@ -20,18 +20,15 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from spectrax import runtime
-import spectrax.train  # noqa: F401  defines --config (the flag of the config a run used)
+from spectrax import plots, runtime, sharding, train  # train defines --config (a run's config)
+from spectrax.data import pipeline, shards
 from spectrax.models import spectrafm as fm
+from spectrax.prepare import ensure_data, parse_selection
 
 
 def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
             max_stars: int = 200, batch_size: int = 32) -> dict:
     """Returns {"wavelength" [L], "mean_flux" [L], "attention" [K, L], "labels", "n_stars"}."""
-    from spectrax import sharding, train
-    from spectrax.data import pipeline, shards
-    from spectrax.prepare import ensure_data, parse_selection
-
     if config.task != "spectrafm":
         raise ValueError(f"attention maps are SpectraFM's; config {config.name!r} has task "
                          f"{config.task!r}")
@@ -105,7 +102,6 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
 
 def figure(result: dict, path: Path, title: str = "") -> Path:
     """Mean spectrum on top, one attention panel per label below, sharing the wavelength axis."""
-    from spectrax import plots
     plt = plots.plt
     k = len(result["labels"])
     fig, axes = plt.subplots(k + 1, 1, figsize=(12, 1.6 * (k + 1)), sharex=True)

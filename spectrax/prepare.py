@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import jax
 from absl import app, flags
+from jax.experimental import multihost_utils
 
 from spectrax import runtime
 from spectrax.data import inputs, mixture, preparation, shards
@@ -201,9 +203,6 @@ def ensure_data(data_cfg) -> Path:
     """The shard directory a config trains on: ``data.path`` if set, else the simulator's cache
     (generated on first use; in multi-process runs only process 0 writes it), restricted to
     ``data.train_select`` / ``data.train_limit`` when those are set."""
-    import jax
-    from jax.experimental import multihost_utils
-
     base = _ensure_base(data_cfg)
     select = data_cfg.get("train_select", "")
     limit = int(data_cfg.get("train_limit", 0))
@@ -218,9 +217,6 @@ def ensure_data(data_cfg) -> Path:
 
 
 def _ensure_base(data_cfg) -> Path:
-    import jax
-    from jax.experimental import multihost_utils
-
     if data_cfg.path:
         path = Path(data_cfg.path)
         shards.read_manifest(path)  # a clear error if it is not a shard directory

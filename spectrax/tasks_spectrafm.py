@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectrax import metrics as M
+from spectrax import plots
+from spectrax.data import shards
 from spectrax.models import spectrafm as fm
 from spectrax.tasks import Task
 
@@ -74,7 +76,6 @@ class SpectraFMTask(Task):
         self.label_names = self.labels + (errors if self.has_errors else ())
 
     def fit_state(self, label_stats: dict, data_dir=None) -> None:
-        from spectrax.data import shards
         rows = []
         for rec in shards.iter_records(data_dir, "train"):
             f = np.where(rec["mask"], rec["flux"], np.nan)
@@ -249,7 +250,6 @@ class SpectraFMTask(Task):
         return res
 
     def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
-        from spectrax import plots
         truth = np.stack([self._truth(out, name) for name in self.labels], 1)
         return [plots.label_scatter(np.nan_to_num(truth), out["pred"],
                                     np.isfinite(truth) & np.isfinite(out["pred"]), self.labels,

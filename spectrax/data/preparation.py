@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from tqdm import tqdm
 
 from spectrax.data import inputs, shards
 from spectrax.data.readers import desi
@@ -196,8 +198,6 @@ class _SplitWriters:
         self.writers: dict[str, Any] = {}
 
     def write(self, split: str, data: bytes) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         w = self.writers.get(split)
         if w is None:
             path = self.plan.partial / (self.plan.shard_name(split, self.g) + ".tmp")
@@ -368,8 +368,6 @@ def _rewrite_without(plan: Plan, summary: GroupSummary, lose: np.ndarray) -> dic
     """Writes each split file of a group that holds a dropped duplicate again without it, as
     ``<name>.dedup`` beside the original (idempotent: an interrupted finalize redoes it from the
     untouched original); returns {split: file name} for those splits."""
-    from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-
     names = plan.settings.split_names
     out = {}
     for k in np.unique(summary.split[lose]):
@@ -498,8 +496,6 @@ def publish(plan: Plan) -> Path:
 
 def run_local(plan: Plan, progress: bool = True) -> dict[str, Any]:
     """Runs the plan in this process (no Beam); returns the report."""
-    from tqdm import tqdm
-
     start(plan)
     summaries = [process_group(plan, g) for g in tqdm(
         range(len(plan.groups)), desc="prepare", unit="group", disable=not progress,
@@ -591,8 +587,6 @@ class _GroupProgress:
         self.thread.join()
 
     def _run(self) -> None:
-        from tqdm import tqdm
-
         directory = self.plan.partial / GROUPS_DIR
         count = lambda: sum(1 for p in directory.glob("*.npz"))
         with tqdm(total=len(self.plan.groups), initial=count(), desc="prepare", unit="group",

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_data_source import ArrayRecordDataSource
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from spectrax.data import grids
 from spectrax.spectra import SpectrumError
@@ -155,8 +157,6 @@ class ShardWriter:
     """Writes records of one split into ``num_shards`` ArrayRecord files, round-robin."""
 
     def __init__(self, directory: str | os.PathLike, split: str, num_shards: int = 1):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.files = [f"{split}-{i:05d}-of-{num_shards:05d}.array_record"
@@ -263,8 +263,6 @@ class ShardSource:
     def __init__(self, directory: str | os.PathLike, split: str, *,
                  paths: Sequence[str] | None = None):
         """``paths``: only these files of the split (default: all, in manifest order)."""
-        from array_record.python.array_record_data_source import ArrayRecordDataSource
-
         manifest = read_manifest(directory)
         self.directory, self.split = str(directory), split
         every = split_paths(directory, split)
@@ -308,8 +306,6 @@ class ShardSource:
 
 def num_records(path: str) -> int:
     """Records in one ArrayRecord file; SpectrumError naming it when it cannot be opened."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     try:
         reader = ArrayRecordReader(path)
         n = reader.num_records()

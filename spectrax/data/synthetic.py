@@ -393,7 +393,7 @@ def _truncated_exp_mag(rng: np.random.Generator, lo: float, hi: float, slope: fl
     return np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
 
 
-def _draw_block(sample: str, seed: int, block: int) -> tuple[dict, np.random.Generator]:
+def draw_block(sample: str, seed: int, block: int) -> tuple[dict, np.random.Generator]:
     """Physical and observing parameters of one block of BLOCK spectra.
 
     Returns (params, noise_rng): ``params`` holds [BLOCK] arrays (plus ``coeff`` [BLOCK, K],
@@ -579,8 +579,8 @@ def _variance(model: np.ndarray, p: dict, sample: str) -> np.ndarray:
     return (eps * rate + (np.maximum(model, 0.0) + sky) * inv_gain) * inv_t
 
 
-def _render(p: dict, noise_rngs: list, sample: str, noiseless: bool,
-            components: bool) -> dict[str, np.ndarray]:
+def render_block(p: dict, noise_rngs: list, sample: str, noiseless: bool,
+                 components: bool) -> dict[str, np.ndarray]:
     """Turns the parameters of a batch (whole blocks) into the output dict (see
     :func:`simulate_desi_galaxies`)."""
     b = p["z"].size
@@ -644,8 +644,8 @@ def _simulate_rows(start: int, stop: int, sample: str, seed: int, batch: int, no
     parts = []
     for b0 in range(first, last, blocks_per_batch):
         block_ids = range(b0, min(b0 + blocks_per_batch, last))
-        drawn = [_draw_block(sample, seed, blk) for blk in block_ids]
-        out = _render(_concat_params([d[0] for d in drawn]), [d[1] for d in drawn], sample,
+        drawn = [draw_block(sample, seed, blk) for blk in block_ids]
+        out = render_block(_concat_params([d[0] for d in drawn]), [d[1] for d in drawn], sample,
                       noiseless, components)
         rows = np.arange(b0 * BLOCK, (b0 + len(block_ids)) * BLOCK)
         keep = (rows >= start) & (rows < stop)
