@@ -46,7 +46,7 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
     @jax.jit
     def attend(state, batch):
         model = trainer.model(state)
-        _, _, att, oks, _ = task.predict_standardised(model, batch, return_attention=True)
+        _, _, att, oks = task.predict_standardised(model, batch, return_attention=True)
         return att, oks
 
     sums = counts = None
@@ -66,12 +66,9 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
             continue
         batch = train._select_labels(host, idx).replace(valid=keep)
         att, oks = jax.device_get(attend(state, batch.for_device()))   # [C,K,B,ctx], [C,B,ctx]
-        context = task.context_of(trainer.model(state))
-        _, _, _, order, n_chunks = task._chunks(np.zeros((1, host.num_pixels)),
-                                                 np.zeros((1, host.num_pixels), bool),
-                                                 np.zeros((1, host.num_pixels)), context)
-        positions = np.pad(order, (0, n_chunks * context - order.size),
-                           constant_values=0).reshape(n_chunks, context)
+        layout = task.chunk_layout(trainer.model(state), host.num_pixels)
+        context, n_chunks = layout.context, layout.n_chunks
+        positions = np.maximum(layout.positions(), 0)  # padding slots are masked anyway
         length = host.num_pixels
         if sums is None:
             sums = np.zeros((att.shape[1], length))

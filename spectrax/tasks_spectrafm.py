@@ -167,49 +167,21 @@ class SpectraFMTask(Task):
                       / jnp.maximum(has.sum(), 1)}
 
     # -- chunked inference --------------------------------------------------------------------
-    def _chunks(self, z, ok, wavelength, context: int):
-        """Permuted range pixels cut into [C, B, context] chunks (values, wavelength, ok)."""
-        length = z.shape[1]
-        a, b = self.pixel_range if self.pixel_range[1] > self.pixel_range[0] else (0, length)
-        order = a + fm.chunk_permutation(b - a, self.chunk_seed)
-        n_chunks = -(-order.size // context)
-        pad = n_chunks * context - order.size
-
-        def arrange(x, fill):
-            x = jnp.pad(x[:, order], ((0, 0), (0, pad)), constant_values=fill)
-            return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, context), 1, 0)
-
-        return arrange(z, 0.0), arrange(wavelength, 0.0), arrange(ok, False), order, n_chunks
+    def chunk_layout(self, model, num_pixels: int) -> fm.ChunkLayout:
+        """How this task cuts a ``num_pixels`` spectrum for ``model`` (its pixel range, context
+        and chunk seed)."""
+        return fm.chunk_layout(num_pixels, self.context_of(model), self.chunk_seed,
+                               self.pixel_range)
 
     def predict_standardised(self, model, batch, names=None, *, return_attention=False):
-        """Chunk-averaged (prediction, σ) [B, K] in standardised units for labels ``names``,
-        plus per-chunk attention [C, K, B, context] and the permutation when asked."""
+        """Chunk-averaged (prediction, σ) [B, K] in standardised units for labels ``names``
+        (:func:`spectrax.models.spectrafm.chunked_predict`), plus per-chunk attention
+        [C, K, B, context] and chunk masks [C, B, context] when asked."""
         names = self.labels if names is None else tuple(names)
         z, ok = self._standardised(batch)
-        vals, wave, oks, order, _ = self._chunks(z, ok, batch.wavelength, self.context_of(model))
-        requests = self._request_ids(model, names)
-        b = z.shape[0]
-
-        def one_chunk(args):
-            v, w, o = args
-            ids = jnp.where(o, model.cfg.pixel_token_id, fm.PADDING_TOKEN_ID)
-            # The encoder does not see the request: encode the chunk once, decode each label.
-            memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False)
-            outs = [model.decode(memory, key_mask, jnp.full((b,), r, jnp.int32), train=False,
-                                 return_attention=return_attention) for r in requests]
-            preds = jnp.stack([o_[0] for o_ in outs], 1)
-            sig = jnp.exp(0.5 * jnp.stack([o_[1] for o_ in outs], 1))
-            att = jnp.stack([o_[2] for o_ in outs], 0) if return_attention else None
-            return preds, sig, att
-
-        preds, sigmas, att = jax.lax.map(one_chunk, (vals, wave, oks))   # [C, B, K]
-        usable = oks.any(-1)[:, :, None]                                   # [C, B, 1]
-        n = jnp.maximum(usable.sum(0), 1)
-        pred = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, preds, 0.0), 0) / n, jnp.nan)
-        sigma = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, sigmas, 0.0), 0) / n, jnp.nan)
-        if return_attention:
-            return pred, sigma, att, oks, order
-        return pred, sigma
+        return fm.chunked_predict(model, z, batch.wavelength, ok, self._request_ids(model, names),
+                                  self.chunk_layout(model, z.shape[1]),
+                                  return_attention=return_attention)
 
     def predict(self, model, batch) -> dict[str, Any]:
         pred, sigma = self.predict_standardised(model, batch)
