@@ -56,9 +56,9 @@ GIB = 2**30
 
 
 def build_config(variant: str, fsdp: int, dtype: str, batch_size: int):
-    from spectrax.config_lib import specpt_autoencoder
+    from spectrax.config_lib import load
 
-    c = specpt_autoencoder("bgs", f"variant={variant}")
+    c = load("configs/specpt_bgs.py", f"variant={variant}")
     c.unlock()
     c.mesh.data, c.mesh.fsdp = jax.device_count() // fsdp, fsdp
     c.model.dtype = dtype

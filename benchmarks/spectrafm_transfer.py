@@ -76,12 +76,13 @@ def main(argv):
     arg = f"variant={v}"
     runs = Path(FLAGS.runs)
     steps = lambda n: f"{arg},steps={n}" if n else arg  # noqa: E731
-    stages = {"mlp": (config_lib.spectrafm_mlp_fe_100(""), "spectrafm_mlp_fe_100"),
-              "pretrain": (config_lib.spectrafm_pretrain(steps(FLAGS.pretrain_steps)),
+    load = lambda name, a: config_lib.load(f"configs/{name}.py", a)  # noqa: E731
+    stages = {"mlp": (load("spectrafm_mlp_fe_100", ""), "spectrafm_mlp_fe_100"),
+              "pretrain": (load("spectrafm_pretrain", steps(FLAGS.pretrain_steps)),
                            f"spectrafm_pretrain-{v}"),
-              "finetune_real": (config_lib.spectrafm_finetune_real(steps(FLAGS.finetune_steps)),
+              "finetune_real": (load("spectrafm_finetune_real", steps(FLAGS.finetune_steps)),
                                 f"spectrafm_finetune_real-{v}"),
-              "fe_100": (config_lib.spectrafm_fe_100(arg), f"spectrafm_fe_100-{v}")}
+              "fe_100": (load("spectrafm_fe_100", arg), f"spectrafm_fe_100-{v}")}
     # Each stage starts from the previous stage's run in the same --runs directory.
     for key, previous in (("finetune_real", "pretrain"), ("fe_100", "finetune_real")):
         config = stages[key][0].unlock()
@@ -98,7 +99,7 @@ def main(argv):
             train.train(config, runs / name)
             print(f"trained {name} in {time.time() - t0:.0f} s", flush=True)
 
-    fe_cfg = config_lib.spectrafm_fe_100(arg)
+    fe_cfg = config_lib.load("configs/spectrafm_fe_100.py", arg)
     rows = []
     for key, (config, name) in stages.items():
         cfg = stages["mlp"][0] if key == "mlp" else fe_cfg
@@ -114,7 +115,7 @@ def main(argv):
                "paper fine-tuned |", "|---|---|---|---|---|"]
     full = {}
     for key in ("pretrain", "finetune_real"):
-        cfg = config_lib.spectrafm_finetune_real(arg)  # real-like test split, first half
+        cfg = config_lib.load("configs/spectrafm_finetune_real.py", arg)  # real-like, first half
         full[key] = _evaluate(cfg, runs / stages[key][1], FLAGS.scatter_spectra)
     for label, (pp, pf) in PAPER_SCATTER.items():
         a = full["pretrain"].get(f"{label}_scatter_giants")

@@ -339,7 +339,7 @@ BF16_LOSS_RTOL = 2.0**-6
 def _bf16_case(family: str):
     """(config, fixed batch) of the tiny ``family`` model: simulated DESI galaxies for SpecPT
     and the tokenizer, simulated APOGEE stars for SpectraFM."""
-    from spectrax.config_lib import specpt_autoencoder, spectrafm_pretrain, tokenizer_pretrain
+    from spectrax.config_lib import load
     from spectrax.data import grids, mixture, survey_grids, synthetic
     from spectrax.spectra import batch_from_arrays
 
@@ -347,17 +347,17 @@ def _bf16_case(family: str):
         stars = [r for chunk in mixture.iter_apogee("apogee_clean", 8, seed=1) for r in chunk]
         stack = lambda k: np.stack([r[k] for r in stars])
         wave = survey_grids.apogee_wavelength().astype(np.float32)
-        return spectrafm_pretrain("variant=tiny"), batch_from_arrays(
+        return load("configs/spectrafm_pretrain.py", "variant=tiny"), batch_from_arrays(
             flux=stack("flux"), ivar=stack("ivar"), mask=stack("mask"), labels=stack("labels"),
             wavelength=np.broadcast_to(wave, (len(stars), wave.size)))
     d = synthetic.simulate_desi_galaxies(8, "bgs", seed=1)
     wave = np.broadcast_to(grids.desi_wavelength().astype(np.float32), d["flux"].shape)
     if family == "specpt":
-        return specpt_autoencoder("bgs", "variant=tiny"), batch_from_arrays(
+        return load("configs/specpt_bgs.py", "variant=tiny"), batch_from_arrays(
             flux=d["flux"], ivar=d["ivar"], mask=d["mask"], wavelength=wave)
     # the tokenizer takes 32-pixel patches: 7781 pixels padded to 7808 (masked, λ = -1)
     pad = lambda x, v: np.pad(x, ((0, 0), (0, 7808 - x.shape[1])), constant_values=v)
-    return tokenizer_pretrain("variant=tiny"), batch_from_arrays(
+    return load("configs/tokenizer_pretrain.py", "variant=tiny"), batch_from_arrays(
         flux=pad(d["flux"], 0), ivar=pad(d["ivar"], 0), mask=pad(d["mask"], False),
         wavelength=pad(wave, -1))
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, embeddings, sharding, train
-from spectrax.config_lib import specpt_redshift, tokenizer_adapt, tokenizer_pretrain
+from spectrax.config_lib import load, specpt_redshift
 from spectrax.data import inputs, mixture, pipeline
 from spectrax.inference import InferenceModel
 from spectrax.spectra import SURVEY_IDS
@@ -43,7 +43,7 @@ def _raise(message):
 def run(tmp_path_factory):
     """A tiny tokenizer trained one step on a tiny multi-survey mixture, and its export."""
     tmp = tmp_path_factory.mktemp("emb")
-    c = _tiny(tokenizer_pretrain("variant=tiny"), tmp).lock()
+    c = _tiny(load("configs/tokenizer_pretrain.py", "variant=tiny"), tmp).lock()
     train.train(c, tmp / "pre")
     data_dir = next((tmp / "data").iterdir())
     out = tmp / "emb.h5"
@@ -128,7 +128,7 @@ def test_adapted_run_in_another_bucket_and_batch_gives_the_same_embeddings(run):
     its training starts), exported with ONE 7808-px bucket, 3 spectra per batch and float16
     tokens, gives the pre-trained export's embeddings: the encoder is its .tokenizer, and
     neither bucket padding nor batch composition changes an embedding."""
-    c = _tiny(tokenizer_adapt("classify", "variant=tiny"), run["tmp"])
+    c = _tiny(load("configs/tokenizer_classify.py", "variant=tiny"), run["tmp"])
     c.data.buckets = (7808,)
     c.lock()
     trainer = train.Trainer(c, sharding.make_mesh(1, 1), 1)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, predict, train
-from spectrax.config_lib import specpt_autoencoder
+from spectrax.config_lib import load
 from spectrax.data import shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def overrides(cache_dir, **extra) -> dict:
 
 
 def config(over: dict):
-    c = specpt_autoencoder("bgs", "variant=tiny")
+    c = load("configs/specpt_bgs.py", "variant=tiny")
     c.unlock()
     for key, value in over.items():
         node = c

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, train
-from spectrax.config_lib import tokenizer_adapt, tokenizer_pretrain
+from spectrax.config_lib import load
 from spectrax.data import grids, mixture, pipeline, shards, survey_grids
 from spectrax.spectra import SpectrumError
 
@@ -156,14 +156,14 @@ def _small(c, tmp_path, steps):
 
 def test_pretrain_then_frozen_adaptation(tmp_path):
     pre_dir, cls_dir, st_dir = tmp_path / "pre", tmp_path / "cls", tmp_path / "stellar"
-    c = _small(tokenizer_pretrain("variant=tiny"), tmp_path, 4).lock()
+    c = _small(load("configs/tokenizer_pretrain.py", "variant=tiny"), tmp_path, 4).lock()
     res = train.train(c, pre_dir)
     per_survey = [k for k in res if k.startswith("nll_per_pixel_")]
     assert {"nll_per_pixel_sdss", "nll_per_pixel_apogee"} <= set(per_survey)
     assert res["bucketing"]["buckets"] == [4608, 7808]
     assert (pre_dir / "reconstructions_apogee.png").exists()
 
-    c = _small(tokenizer_adapt("classify", "variant=tiny"), tmp_path, 4)
+    c = _small(load("configs/tokenizer_classify.py", "variant=tiny"), tmp_path, 4)
     c.init.from_workdir = str(pre_dir)
     res = train.train(c.lock(), cls_dir)
     assert {"accuracy", "macro_f1", "recall_QSO"} <= set(res)
@@ -182,7 +182,7 @@ def test_pretrain_then_frozen_adaptation(tmp_path):
     assert biases and any(np.abs(b).max() > 0 for b in biases), \
         "the head trains (its zero-initialised biases moved)"
 
-    c = _small(tokenizer_adapt("stellar", "variant=tiny"), tmp_path, 4)
+    c = _small(load("configs/tokenizer_stellar.py", "variant=tiny"), tmp_path, 4)
     c.init.from_workdir = str(pre_dir)
     res = train.train(c.lock(), st_dir)
     assert {"teff_scaled_mad", "logg_scaled_mad", "feh_scaled_mad"} <= set(res)
