@@ -302,6 +302,8 @@ def test_fsdp_on_eight_devices_matches_one_device(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from spectrax import runtime
+        runtime.configure()  # the XLA:CPU settings of this process (tests/conftest.py)
         import test_distributed as T
         print("RESULT " + json.dumps(T.fsdp_steps({base!r}, data=1, fsdp=8)))
     """)

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path, *, stage="autoencoder", steps=6, **data):
     """A seconds-long run on a few hundred simulated spectra with the 'tiny' model."""
-    c = (specpt_autoencoder if stage == "autoencoder" else specpt_redshift)("bgs", "variant=tiny")
+    name = "specpt_bgs" if stage == "autoencoder" else "specpt_redshift_bgs"
+    c = load(f"configs/{name}.py", "variant=tiny")
     c.unlock()
     c.data.n_train, c.data.n_val, c.data.n_test = 96, 16, 24
     c.data.cache_dir = str(tmp_path.parent / "spectrax-test-data")
