@@ -125,6 +125,8 @@ def markdown(rows: list[dict], implementations, command: str) -> str:
 
 def main(argv):
     del argv
+    from spectrax import runtime
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import flags
     f = flags.FLAGS
     impls = tuple(f.implementations)

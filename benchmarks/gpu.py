@@ -217,6 +217,8 @@ def cudnn_speedups(rows) -> dict[str, float]:
 
 def main(argv):
     del argv
+    from spectrax import runtime
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import flags
     f = flags.FLAGS
     if f.one:

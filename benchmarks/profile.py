@@ -260,6 +260,8 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def main(argv):
     del argv
+    from spectrax import runtime
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import flags
     f = flags.FLAGS
     results = [profile_config(c, steps=f.steps, batch=f.batch, n_train=f.n_train,

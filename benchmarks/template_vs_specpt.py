@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from spectrax import runtime
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("specpt_config", "configs/specpt_redshift_bgs.py",
                     "SpecPT redshift config[:arg] (its data are the benchmark's data).")
@@ -64,12 +66,17 @@ def specpt_on(config, run: Path, data_dir: Path, test_ids: np.ndarray, batch_siz
     """SpecPT's z for ``test_ids`` (the first records of the test split) and its spectra/s."""
     import jax
 
-    from spectrax.predict import Predictor, iter_batches
+    from spectrax.data import inputs, pipeline
+    from spectrax.inference import InferenceModel
 
-    predictor = Predictor.from_checkpoint(config, run)
-    length = config.data.length or 7781
+    def refuse(message):
+        raise RuntimeError(message)
+
+    predictor = InferenceModel.from_checkpoint(config, run)
+    rows = inputs.model_records(inputs.discover([str(data_dir)], split="test").units,
+                                inputs.LengthPolicy.for_model(config.data), {}, refuse)
     batches, n = [], 0
-    for batch, _ in iter_batches([str(data_dir)], batch_size, length, ["z"], split="test"):
+    for batch, _ in pipeline.batches_by_length(rows, batch_size, ["z"]):
         batches.append(batch)
         n += int(batch.valid.sum())
         if n >= len(test_ids):
@@ -156,4 +163,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)
