@@ -31,7 +31,7 @@ from spectrax import metrics as M
 from spectrax import plots
 from spectrax.data import shards
 from spectrax.models import spectrafm as fm
-from spectrax.tasks import Task
+from spectrax.tasks.base import Task
 
 FLUX_RANGE = (0.05, 1.2)   # SPECS.md §4: normalised flux outside this is bad (NaN)
 STATS_MAX_SPECTRA = 2000   # spectra read to fit the per-pixel statistics
@@ -49,8 +49,6 @@ class SpectraFMTask(Task):
       context: tokens per forward pass; None = the model's context length (512 in the paper).
       chunk_seed: seed of the chunked-inference permutation.
     """
-
-    uses_rng = True
 
     def __init__(self, labels: tuple[str, ...] = fm.LABEL_NAMES,
                  pixel_range: tuple[int, int] = (0, 0), context: int | None = None,
