@@ -38,7 +38,7 @@ PAPER_SCATTER = {"TEFF": (183, 19), "LOGG": (0.326, 0.056), "O_FE": (0.038, 0.02
 
 def _evaluate(config, workdir: Path, max_spectra: int = 0) -> dict:
     """Metrics of ``workdir``'s latest parameters under ``config``'s task and test split."""
-    from spectrax import sharding, train
+    from spectrax import evaluation, sharding, train, warm_start
     from spectrax.data import shards
     from spectrax.prepare import ensure_data
 
@@ -47,18 +47,18 @@ def _evaluate(config, workdir: Path, max_spectra: int = 0) -> dict:
     data_dir = ensure_data(config.data)
     manifest = shards.read_manifest(data_dir)
     trainer.task.bind_labels(manifest.label_names)
-    state, task_state = train.load_pretrained(trainer.init_state(), trainer, str(workdir), "")
+    state, task_state = warm_start.load_pretrained(trainer.init_state(), trainer, str(workdir), "")
     trainer.task.load_state(task_state)
-    idx = train.label_indices(manifest, trainer.task)
+    idx = evaluation.label_indices(manifest, trainer.task)
     if not max_spectra:
-        return train.evaluate(trainer, state, data_dir, "test", config, idx)["metrics"]
+        return evaluation.evaluate(trainer, state, data_dir, "test", config, idx)["metrics"]
     import numpy as np
 
     from spectrax.data import pipeline
     outs = []
     for host in pipeline.eval_batches(str(data_dir), "test", batch_size=config.eval_batch_size,
                                       buckets=pipeline.batch_lengths(config.data, data_dir)):
-        host = train._select_labels(host, idx)
+        host = evaluation.select_labels(host, idx)
         pred, _ = trainer.jitted_eval_step(state, host.for_device())
         outs.append({**{k: np.asarray(v) for k, v in pred.items()}, "labels": host.labels,
                      "label_mask": host.label_mask, "valid": host.valid})

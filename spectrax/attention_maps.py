@@ -20,7 +20,8 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from spectrax import plots, runtime, sharding, train  # train defines --config (a run's config)
+# train defines --config (a run's config)
+from spectrax import evaluation, plots, runtime, sharding, train, warm_start
 from spectrax.data import pipeline, shards
 from spectrax.models import spectrafm as fm
 from spectrax.prepare import ensure_data, parse_selection
@@ -38,9 +39,9 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
     manifest = shards.read_manifest(data_dir)
     task = trainer.task
     task.bind_labels(manifest.label_names)
-    state, task_state = train.load_pretrained(trainer.init_state(), trainer, checkpoint, "")
+    state, task_state = warm_start.load_pretrained(trainer.init_state(), trainer, checkpoint, "")
     task.load_state(task_state)
-    idx = train.label_indices(manifest, task)
+    idx = evaluation.label_indices(manifest, task)
     sel = parse_selection(select)
 
     @jax.jit
@@ -64,7 +65,7 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
                 keep &= ops[sel[1]](value, sel[2])
         if not keep.any():
             continue
-        batch = train._select_labels(host, idx).replace(valid=keep)
+        batch = evaluation.select_labels(host, idx).replace(valid=keep)
         att, oks = jax.device_get(attend(state, batch.for_device()))   # [C,K,B,ctx], [C,B,ctx]
         layout = task.chunk_layout(trainer.model(state), host.num_pixels)
         context, n_chunks = layout.context, layout.n_chunks

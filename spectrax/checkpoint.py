@@ -181,4 +181,23 @@ def subtree(tree: dict, prefix: str) -> dict:
     return node
 
 
+def assign_subtree(tree: dict, prefix: str, value) -> None:
+    """Puts ``value`` at 'a/b' of the nested dict ``tree`` in place ("" replaces the whole
+    tree); the inverse of :func:`subtree`."""
+    parts = [p for p in prefix.split("/") if p]
+    if not parts:  # the whole tree
+        tree.clear()
+        tree.update(value)
+        return
+    for p in parts[:-1]:
+        tree = tree[p]
+    tree[parts[-1]] = value
 
+
+def strip_value(tree):
+    """A restored raw tree without NNX's ``{"value": x}`` wrappers around each array."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: strip_value(v) for k, v in tree.items()}
+    return tree

@@ -25,6 +25,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from spectrax.checkpoint import path_str
+from spectrax.models import is_under
+
 Schedule = Callable[[Any], Any]
 
 
@@ -132,11 +135,9 @@ def build_optimizer(config, num_steps: int, freeze_labels=None,
 
 def freeze_labels_for(params, prefixes) -> Any:
     """'frozen' for parameters whose path starts with one of ``prefixes``, else 'train'."""
-    from spectrax.checkpoint import path_str
-
     def label(path, _):
         p = path_str(path)
-        return "frozen" if any(p == f or p.startswith(f + "/") for f in prefixes) else "train"
+        return "frozen" if any(is_under(p, f) for f in prefixes) else "train"
 
     return jax.tree_util.tree_map_with_path(label, params)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,12 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from spectrax import optim, runtime
+from spectrax import (checkpoint, evaluation, guards, inference, optim, plots, runtime, sharding,
+                      tasks, warm_start)
+from spectrax.data import pipeline, shards
+from spectrax import models
+from spectrax.models import registry
+from spectrax.prepare import ensure_data
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -44,31 +48,26 @@ class Trainer:
     and exposes pure jitted functions of the state pytree."""
 
     def __init__(self, config, mesh, num_steps: int, steps_per_epoch: int | None = None):
-        from spectrax import sharding, tasks
-        from spectrax.models import registry
-
         self.config, self.mesh, self.num_steps = config, mesh, num_steps
         self.task = tasks.get_task(config.task, **config.task_kwargs.to_dict())
         self.model_fn = lambda seed: registry.build_model(config.model, rngs=nnx.Rngs(
             params=seed, dropout=seed + 1))
-        abstract_model = nnx.eval_shape(lambda: self.model_fn(config.seed))
-        self.graphdef, abstract_params, _, _ = nnx.split(abstract_model, nnx.Param,
-                                                         nnx.RngState, ...)
-        self.frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
+        self.abstract_model = nnx.eval_shape(lambda: self.model_fn(config.seed))
+        self.graphdef, abstract_params, abstract_rngs, _ = nnx.split(
+            self.abstract_model, nnx.Param, nnx.RngState, ...)
+        self.frozen = (tuple(config.optim.freeze)
+                       or registry.default_frozen(self.abstract_model))
         labels = optim.freeze_labels_for(abstract_params, self.frozen) if self.frozen else None
         if steps_per_epoch is None:  # the simulated train split's size
             steps_per_epoch = max(1, config.data.n_train // config.batch_size)
         self.optimizer = optim.build_optimizer(config, num_steps, labels, steps_per_epoch)
-        # Tasks that sample (SpectraFM: pixels and the requested label) take a per-step key.
-        self.task_uses_rng = getattr(self.task, "uses_rng", False)
 
         self.abstract_state = jax.eval_shape(self._init)
         self.state_shardings = sharding.tree_shardings(self.abstract_state, mesh)
         self.batch_sharding = sharding.batch_sharding(mesh)
         # RNG streams are re-derived from (seed, step) each step, so they are not part of the
         # checkpointed state; this template only gives `merge` something concrete.
-        self.rng_template = jax.jit(lambda: nnx.split(self.model_fn(config.seed), nnx.Param,
-                                                      nnx.RngState, ...)[2])()
+        self.rng_template = inference.rng_state_like(abstract_rngs)
         self.base_key = jax.random.key(config.seed)
         # One jitted evaluation function per run: re-wrapping the bound method at every
         # evaluation would recompile it each time (eval_every).
@@ -101,8 +100,8 @@ class Trainer:
         def loss_fn(params, other, rngs):
             model = nnx.merge(self.graphdef, params, rngs, other, copy=True)
             nnx.reseed(model, dropout=key)
-            extra = {"rng": jax.random.fold_in(key, 1)} if self.task_uses_rng else {}
-            loss, aux = self.task.loss(model, batch, train=True, **extra)
+            # Tasks that sample (SpectraFM: pixels and the requested label) use this key.
+            loss, aux = self.task.loss(model, batch, train=True, rng=jax.random.fold_in(key, 1))
             _, _, _, new_other = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return loss, (aux, new_other)
 
@@ -140,37 +139,22 @@ class Trainer:
                          out_shardings=(self.state_shardings, None), donate_argnums=0)
         compiled = jitted.lower(self.abstract_with_shardings(), abstract_batch).compile()
         seconds = time.perf_counter() - t0
-        return compiled, seconds, memory_text(compiled)
-
-
-def memory_text(compiled) -> str:
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return "memory analysis unavailable on this backend"
-    if m is None:
-        return "memory analysis unavailable on this backend"
-    gib = 1 / 2**30
-    return (f"per-device memory: arguments {m.argument_size_in_bytes * gib:.3f} GiB, outputs "
-            f"{m.output_size_in_bytes * gib:.3f} GiB, temporaries {m.temp_size_in_bytes * gib:.3f} "
-            f"GiB, aliased {m.alias_size_in_bytes * gib:.3f} GiB")
+        return compiled, seconds, guards.memory_text(compiled)
 
 
 # ==============================================================================================
 # Dry run: the parameter table, abstractly
 # ==============================================================================================
 def dry_run(config) -> dict:
-    from spectrax.models import registry
-
-    abstract = nnx.eval_shape(lambda: registry.build_model(config.model, rngs=nnx.Rngs(0)))
-    table = registry.parameter_table(abstract, config.model)
-    frozen = tuple(config.optim.freeze) or registry.default_frozen(config.model)
+    abstract = registry.abstract_model(config.model)
+    table = registry.parameter_table(abstract)
+    frozen = tuple(config.optim.freeze) or registry.default_frozen(abstract)
     print(f"{config.name}: model {config.model.name} variant={config.model.variant or '-'}"
           f"{' head=' + config.model.head if config.model.head else ''}")
     print(f"{'module':<40}{'parameters':>18}  note")
     for row in table["rows"]:
         note = []
-        if any(row["path"] == f or row["path"].startswith(f + "/") for f in frozen):
+        if any(models.is_under(row["path"], f) for f in frozen):
             note.append("frozen")
         if row["excluded"]:
             note.append("not counted (held outside the reference's registered modules)")
@@ -178,7 +162,7 @@ def dry_run(config) -> dict:
     print("-" * 70)
     print(f"Total parameters: {table['total']:,}")
     trainable = sum(r["count"] for r in table["rows"]
-                    if not any(r["path"] == f or r["path"].startswith(f + "/") for f in frozen))
+                    if not any(models.is_under(r["path"], f) for f in frozen))
     print(f"Trainable under this config: {trainable:,}"
           f"{'  (frozen: ' + ', '.join(frozen) + ')' if frozen else ''}")
     return {"total": table["total"], "trainable": trainable}
@@ -192,172 +176,20 @@ def default_workdir(config) -> Path:
     return Path("runs") / name
 
 
-def _select_labels(batch, idx):
-    if batch.labels.shape[1] == len(idx) and list(idx) == list(range(len(idx))):
-        return batch
-    return batch.replace(labels=batch.labels[:, idx], label_mask=batch.label_mask[:, idx])
-
-
-def label_indices(manifest, task) -> list[int]:
-    missing = [n for n in task.label_names if n not in manifest.label_names]
-    if missing:
-        raise ValueError(f"task needs labels {missing} but the shards provide "
-                         f"{manifest.label_names}")
-    return [manifest.label_names.index(n) for n in task.label_names]
-
-
-class _Preemption:
-    """Turns SIGTERM (what schedulers send before preempting) into a clean save-and-exit.
-
-    Installed at the very start of :func:`train`, so a SIGTERM that arrives while the data are
-    prepared or the step compiles is not fatal: the loop sees the flag after its next step,
-    saves and exits 0. :meth:`restore` puts the previous handler back (train() may run inside a
-    longer-lived process such as a test runner or a notebook).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not in the main thread (e.g. inside a test runner thread)
-            pass
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def agreed(self, steps_this_run: int, boundary: bool) -> bool:
-        """Whether to save and exit after this step; with several processes, every process
-        gets the same answer at the same step (one saving while another steps would hang).
-
-        Once ``jax.distributed`` is initialised, SIGTERM reaches JAX's preemption notifier
-        instead of :meth:`_handle`; its sync protocol picks a step every process reaches, so
-        it is asked at every step, with a counter that starts at 1 in every run (a notice that
-        arrives before the first step sets the sync point to 1). The flag :meth:`_handle` sets
-        (SIGTERM before initialisation, or the preemption service turned off) is OR-reduced
-        over processes at ``boundary`` steps (log steps, which every process reaches).
-        """
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
-        try:
-            if multihost_utils.reached_preemption_sync_point(steps_this_run):
-                return True
-        except RuntimeError:  # jax_enable_preemption_service is off
-            pass
-        return boundary and bool(np.any(multihost_utils.process_allgather(
-            np.int32(self.requested))))
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-# A logged gradient norm this many times the running median of earlier ones is reported.
-GRAD_SPIKE_FACTOR = 10.0
-
-
-class GradNormMonitor:
-    """Spots exploding gradient norms from values the log step has already fetched.
-
-    Keeps the last ``window`` logged per-step norms; a new norm above ``factor`` × their median
-    (once ``min_history`` are known) yields a warning naming the step. Host-side and only fed on
-    log steps, so it costs nothing on the device.
-    """
-
-    def __init__(self, factor: float = GRAD_SPIKE_FACTOR, window: int = 200,
-                 min_history: int = 4):
-        self.factor, self.min_history = factor, min_history
-        self.history: collections.deque = collections.deque(maxlen=window)
-
-    def update(self, steps: list[int], norms: list[float]) -> list[str]:
-        """Feeds one log window (step numbers, 1-based, and their norms); returns warnings."""
-        warnings = []
-        for step, norm in zip(steps, norms):
-            if not np.isfinite(norm):
-                continue  # non-finite steps are the job of the bad_step guard
-            if len(self.history) >= self.min_history:
-                med = float(np.median(self.history))
-                if med > 0 and norm > self.factor * med:
-                    warnings.append(f"warning: exploding gradient norm {norm:.4g} at step {step} "
-                                    f"({norm / med:.1f}x the running median {med:.4g} of "
-                                    "logged norms)")
-            self.history.append(norm)
-        return warnings
-
-
-# ==============================================================================================
-# Memory: refuse a config that cannot fit before the first step
-# ==============================================================================================
-def required_bytes(compiled) -> int | None:
-    """Per-device bytes the compiled step needs (arguments + outputs + temporaries − aliased:
-    donated state is counted once), or None when the backend has no memory analysis."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
-
-
-def available_bytes(config) -> tuple[int | None, str]:
-    """(per-device bytes available, where that figure comes from).
-
-    ``config.memory_limit_gb`` > 0 wins; else the accelerator's ``bytes_limit``; else (CPU)
-    the host's available RAM shared by the local devices.
-    """
-    limit_gb = float(config.get("memory_limit_gb", 0) or 0)
-    if limit_gb > 0:
-        return int(limit_gb * 2**30), f"config.memory_limit_gb={limit_gb:g}"
-    dev = jax.local_devices()[0]
-    try:
-        stats = dev.memory_stats() or {}
-    except Exception:  # CPU devices may not report memory statistics
-        stats = {}
-    if stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{dev.device_kind} bytes_limit"
-    try:
-        import psutil
-    except ImportError:
-        return None, "unknown (no psutil)"
-    return (int(psutil.virtual_memory().available // max(jax.local_device_count(), 1)),
-            "host RAM available / local devices")
-
-
-def check_memory(compiled, config) -> None:
-    """Raises MemoryError, quoting the compiled memory analysis, when the step cannot fit."""
-    need = required_bytes(compiled)
-    have, source = available_bytes(config)
-    if need is None or have is None or need <= have:
-        return
-    raise MemoryError(
-        f"this config needs {need / 2**30:.3f} GiB per device but {have / 2**30:.3f} GiB are "
-        f"available ({source}); {memory_text(compiled)}. Lower config.batch_size, use a "
-        "smaller model variant or shard parameters over more devices (config.mesh.fsdp)")
-
-
 def train(config, workdir: str | Path | None = None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint); returns metrics.
 
     SIGTERM at any point saves a checkpoint after the current step and exits with status 0.
     """
-    preempt = _Preemption()  # first: a SIGTERM during set-up must not kill the run
+    preempt = guards.Preemption()  # first: a SIGTERM during set-up must not kill the run
     try:
         return _train(config, workdir, preempt)
     finally:
         preempt.restore()
 
 
-def _train(config, workdir, preempt: _Preemption) -> dict:
+def _train(config, workdir, preempt: guards.Preemption) -> dict:
     """The body of :func:`train` (``preempt`` says whether SIGTERM has arrived)."""
-    from spectrax import checkpoint, sharding
-    from spectrax.data import pipeline, shards
-    from spectrax.models import registry
-    from spectrax.prepare import ensure_data
-
     sharding.initialize_distributed()
     is_main = jax.process_index() == 0
     workdir = Path(workdir or config.workdir or default_workdir(config))
@@ -379,9 +211,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     trainer = Trainer(config, mesh, config.num_steps,
                       steps_per_epoch=max(1, manifest.count("train") // config.batch_size))
     trainer.task.bind_labels(manifest.label_names)
-    idx = label_indices(manifest, trainer.task)
+    idx = evaluation.label_indices(manifest, trainer.task)
     buckets = pipeline.batch_lengths(config.data, data_dir)  # one fixed length: one bucket
-    registry.check_input_length(config.model, max(buckets))
+    registry.check_input_length(trainer.abstract_model, max(buckets))
 
     # -- state: resume, or initialise (optionally from another run) ----------------------
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -401,9 +233,9 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
         state = trainer.init_state()
         pretrained_task_state = None
         if config.model.get("init_from"):
-            state = load_backbone_weights(state, trainer, config.model.init_from)
+            state = warm_start.load_backbone_weights(state, trainer, config.model.init_from)
         if config.init.from_workdir:
-            state, pretrained_task_state = load_pretrained(
+            state, pretrained_task_state = warm_start.load_pretrained(
                 state, trainer, config.init.from_workdir, config.init.prefix,
                 target=config.init.target or None)
         # Fine-tunes reuse the statistics their base model was trained with (SpectraFM,
@@ -414,7 +246,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
 
     def next_global():
         host = next(data_iter)
-        return host, pipeline.to_global(_select_labels(host, idx), trainer.batch_sharding)
+        return host, pipeline.to_global(evaluation.select_labels(host, idx), trainer.batch_sharding)
 
     t_start, steps_timed = None, 0
     compiled: dict[tuple, Any] = {}
@@ -432,7 +264,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             if is_main:
                 print(f"compiled train step for batches of {key} in {seconds:.1f} s; {mem}",
                       flush=True)
-            check_memory(fn, config)  # before any step: fail in seconds, not at the first OOM
+            guards.check_memory(fn, config)  # before any step: fail in seconds, not at the first OOM
             compiled[key] = fn
         return compiled[key]
 
@@ -441,7 +273,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
 
     # -- loop -----------------------------------------------------------------------------
     logger = MetricLogger(workdir, enabled=is_main)
-    grad_monitor = GradNormMonitor()
+    grad_monitor = guards.GradNormMonitor()
     recent_ids = collections.deque(maxlen=max(config.log_every, 1))
     pending: list[dict] = []
     meta = {"config": config.name, "task": config.task, "model": config.model.to_dict(),
@@ -468,7 +300,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
         if done % config.log_every == 0 or done == config.num_steps or stop:
             logged = jax.device_get(pending)
             pending = []
-            _check_finite(state, config, recent_ids)
+            guards.check_finite(state, config, recent_ids)
             for warning in grad_monitor.update(
                     list(range(done - len(logged) + 1, done + 1)),
                     [float(l["grad_norm"]) for l in logged]):
@@ -482,12 +314,12 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
             logger.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4g}")
         if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
-            ev = evaluate(trainer, state, data_dir, "val" if "val" in manifest.splits else "test",
+            ev = evaluation.evaluate(trainer, state, data_dir, "val" if "val" in manifest.splits else "test",
                           config, idx)
             logger.write({"step": done, "eval_loss": ev["loss"],
                           **{f"val_{k}": v for k, v in ev["metrics"].items()}})
         if done % config.ckpt_every == 0 or done == config.num_steps or stop:
-            _refuse_nonfinite_parameters(state, done)
+            guards.refuse_nonfinite_parameters(state, done)
             ckpt.save(done, state, data_iter.get_state(), meta, force=True)
         if stop:
             ckpt.wait()
@@ -511,7 +343,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     # -- final evaluation ----------------------------------------------------------------
     split = "test" if "test" in manifest.splits else "val"
     t0 = time.perf_counter()
-    ev = evaluate(trainer, state, data_dir, split, config, idx)
+    ev = evaluation.evaluate(trainer, state, data_dir, split, config, idx)
     eval_seconds = time.perf_counter() - t0
     result = {"config": config.name, "split": split, "steps": config.num_steps,
               "eval_loss": ev["loss"], **ev["metrics"],
@@ -526,7 +358,6 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     if is_main:
         (workdir / "metrics.json").write_text(json.dumps(result, indent=2))
         figs = trainer.task.figures(ev["outputs"], ev["examples"], workdir, config.num_figures)
-        from spectrax import plots
         figs.append(plots.loss_curve(workdir / "metrics.jsonl", workdir / "loss.png"))
         print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))},
                          indent=2))
@@ -534,160 +365,6 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
     logger.close()
     ckpt.close()
     return result
-
-
-def _check_finite(state, config, recent_ids) -> None:
-    bad = int(state["bad_step"])
-    if bad < 0:
-        return
-    ids = [i.tolist() for s, i in recent_ids if s == bad]
-    msg = (f"non-finite loss or gradient at step {bad} (batch ids {ids[0][:16] if ids else '?'}"
-           f"{' ...' if ids and len(ids[0]) > 16 else ''}); that update was skipped, so "
-           "parameters and checkpoints hold no NaN")
-    if config.on_nonfinite == "stop":
-        raise FloatingPointError(msg + ". Set config.on_nonfinite='skip' to carry on.")
-    print("warning: " + msg, flush=True)
-
-
-@jax.jit
-def _parameters_finite(params):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
-
-
-def _refuse_nonfinite_parameters(state, step: int) -> None:
-    """Checkpoints never hold NaN: non-finite data are skipped by the step's guard, and this
-    catches the one way left, an update that overflowed from finite gradients (an absurd
-    learning rate, with ``optim.guard_update`` off)."""
-    if not bool(_parameters_finite(state["params"])):
-        raise FloatingPointError(
-            f"parameters are non-finite at step {step}: an update overflowed although the "
-            "gradients were finite (learning rate too large?); the checkpoint was not written. "
-            "Lower config.optim.lr, or set config.optim.guard_update=True to skip such updates.")
-
-
-def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
-    """Runs the task's predictions over every spectrum of ``split``; returns metrics etc.
-
-    ``outputs`` concatenates per-spectrum predictions over all batches (per-pixel arrays of
-    different bucket lengths cannot be concatenated and are left out); ``examples`` holds
-    (host batch, predictions) of the first batch of each distinct pixel length, for figures.
-    """
-    from jax.experimental import multihost_utils
-
-    from spectrax import sharding
-    from spectrax.data import pipeline
-
-    bs = sharding.round_up_batch(config.eval_batch_size, jax.device_count())
-    step = trainer.jitted_eval_step
-    outs, losses, examples = [], [], []
-    pi, local = jax.process_index(), bs // jax.process_count()
-    buckets = pipeline.batch_lengths(config.data, data_dir)
-    n_batches = pipeline.num_eval_batches(data_dir, split, bs, buckets)
-    batches = pipeline.eval_batches(data_dir, split, batch_size=bs, buckets=buckets)
-    from spectrax import metrics as M
-    from spectrax.data import shards
-
-    label_names = shards.read_manifest(data_dir).label_names
-    for host in tqdm(batches, total=n_batches, desc=f"eval {split}", leave=False,
-                     disable=jax.process_index() != 0):
-        # Per-spectrum context the task's metrics may group by (not model inputs): the median
-        # S/N and every label column of the shards, NaN where unknown (e.g. ``context_class``
-        # for the redshift success thresholds, which differ for QSOs).
-        context = {"snr": M.median_snr(host.flux, host.ivar, host.mask)}
-        for j, name in enumerate(label_names):
-            context[f"context_{name}"] = np.where(host.label_mask[:, j], host.labels[:, j],
-                                                  np.nan)
-        host = _select_labels(host, idx)
-        mine = jax.tree.map(lambda x: x[pi * local:(pi + 1) * local], host.for_device())
-        pred, loss = step(state, pipeline.to_global(mine, trainer.batch_sharding))
-        pred = jax.tree.map(np.asarray, multihost_utils.process_allgather(pred, tiled=True))
-        if host.num_pixels not in {b.num_pixels for b, _ in examples}:
-            examples.append((host, pred))
-        outs.append({**pred, "labels": host.labels, "label_mask": host.label_mask,
-                     "valid": host.valid, "ids": host.ids, **context})
-        losses.append((float(loss), int(host.valid.sum())))
-    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]
-           if len({o[k].shape[1:] for o in outs}) == 1}
-    total = sum(n for _, n in losses)
-    loss = sum(l * n for l, n in losses) / max(total, 1)
-    metrics = trainer.task.metrics(cat)
-    return {"loss": loss, "metrics": metrics, "outputs": cat, "examples": examples}
-
-
-def load_pretrained(state, trainer, from_workdir: str, prefix: str, target: str | None = None):
-    """Copies the subtree ``prefix`` of another run's latest parameters (and BatchNorm
-    statistics) into ``state``, at ``target`` (default: the same path; "" = the whole tree).
-    Shapes must agree; mismatches are listed in the error.
-
-    Returns (state, that run's task state or None): fine-tunes reuse its statistics."""
-    from spectrax import checkpoint
-
-    target = prefix if target is None else target
-    src = checkpoint.Checkpointer(from_workdir)
-    if src.latest_step() is None:
-        raise FileNotFoundError(
-            f"config.init.from_workdir={from_workdir!r} holds no checkpoint; train that stage "
-            "first (see the config's docstring for the command)")
-    raw, meta = src.restore_raw()
-    src.close()
-    new = dict(state)
-    for part in ("params", "other"):
-        pure = nnx.to_pure_dict(state[part])
-        src_tree = _strip_value(raw[part])
-        try:
-            src_sub = checkpoint.subtree(src_tree, prefix)
-            dst_sub = checkpoint.subtree(pure, target)
-        except KeyError as e:
-            if part == "other":  # no BatchNorm statistics under the prefix
-                continue
-            raise checkpoint.CheckpointMismatchError(f"{from_workdir}: {e}") from e
-        have, want = checkpoint.flat_shapes(src_sub), checkpoint.flat_shapes(dst_sub)
-        if have != want:
-            diff = sorted(set(have.items()) ^ set(want.items()))
-            raise checkpoint.CheckpointMismatchError(
-                f"{from_workdir}: '{prefix}' does not match '{target}' of this model (was trained as "
-                f"{meta.get('model')}): " + "; ".join(f"{k} {v}" for k, v in diff[:20]))
-        _assign(pure, target, src_sub)
-        st = state[part]
-        nnx.replace_by_pure_dict(st, pure)
-        new[part] = jax.device_put(st, trainer.state_shardings[part])
-    print(f"initialised '{target or 'everything'}' from '{prefix}' of {from_workdir} "
-          f"(step {src.latest_step()})", flush=True)
-    task_state = meta.get("task_state")
-    if task_state and meta.get("task") != trainer.config.task:
-        task_state = None  # another task's statistics mean nothing here
-    return new, task_state
-
-
-def load_backbone_weights(state, trainer, path: str):
-    """Loads a timm / Hugging Face ViT-B/16 checkpoint file into the model's ``backbone``
-    (:mod:`spectrax.convert_weights`); mismatched tensors are listed in the error."""
-    from spectrax import convert_weights
-
-    model = trainer.model(state)
-    report = convert_weights.load_pretrained_vit(model.backbone, path)
-    _, params, _, _ = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    print(f"backbone initialised from {path}: {report}", flush=True)
-    return {**state, "params": jax.device_put(params, trainer.state_shardings["params"])}
-
-
-def _strip_value(tree):
-    if isinstance(tree, dict):
-        if set(tree) == {"value"}:
-            return tree["value"]
-        return {k: _strip_value(v) for k, v in tree.items()}
-    return tree
-
-
-def _assign(tree: dict, prefix: str, value) -> None:
-    parts = [p for p in prefix.split("/") if p]
-    if not parts:  # the whole tree
-        tree.clear()
-        tree.update(value)
-        return
-    for p in parts[:-1]:
-        tree = tree[p]
-    tree[parts[-1]] = value
 
 
 class MetricLogger:

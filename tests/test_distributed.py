@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from spectrax import checkpoint, train
+from spectrax import checkpoint, evaluation, train
 from spectrax.data import pipeline, shards
 from spectrax.prepare import ensure_data
 from spectrax.sharding import make_mesh
@@ -118,7 +119,7 @@ def _wait(procs, logs: Path, timeout: float) -> list[str]:
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-    tree = train._strip_value(jax.tree.map(np.asarray, tree))
+    tree = checkpoint.strip_value(jax.tree.map(np.asarray, tree))
     return {checkpoint.path_str(p): np.asarray(x)
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -133,7 +134,7 @@ def _reference_run(cfg, data_dir: Path, n_proc: int):
                             steps_per_epoch=max(1, manifest.count("train") // cfg.batch_size))
     trainer.task.bind_labels(manifest.label_names)
     trainer.task.fit_state(manifest.stats.get("labels", {}), data_dir)
-    idx = train.label_indices(manifest, trainer.task)
+    idx = evaluation.label_indices(manifest, trainer.task)
     iters = [pipeline.train_iterator(data_dir, batch_size=cfg.batch_size // n_proc,
                                      seed=cfg.seed, num_threads=1, process_index=p,
                                      process_count=n_proc) for p in range(n_proc)]
@@ -143,12 +144,12 @@ def _reference_run(cfg, data_dir: Path, n_proc: int):
     for _ in range(cfg.num_steps):
         parts = [next(it) for it in iters]
         host = jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
-        batch = pipeline.to_global(train._select_labels(host, idx), trainer.batch_sharding)
+        batch = pipeline.to_global(evaluation.select_labels(host, idx), trainer.batch_sharding)
         state, logs = step(state, batch)
         losses.append(float(logs["loss"]))
         lrs.append(float(logs["lr"]))
-    return (losses, lrs, _flat(train.nnx.to_pure_dict(state["params"])),
-            _flat(train.nnx.to_pure_dict(state["other"])))
+    return (losses, lrs, _flat(nnx.to_pure_dict(state["params"])),
+            _flat(nnx.to_pure_dict(state["other"])))
 
 
 def _losses(workdir: Path) -> dict[int, float]:
@@ -272,10 +273,10 @@ def fsdp_steps(base: str, data: int, fsdp: int, steps: int = 3) -> dict:
     finally:
         sharding.FSDP_MIN_SIZE = saved
     trainer.task.bind_labels(manifest.label_names)
-    idx = train.label_indices(manifest, trainer.task)
+    idx = evaluation.label_indices(manifest, trainer.task)
     it = pipeline.train_iterator(data_dir, batch_size=cfg.batch_size, seed=cfg.seed,
                                  num_threads=1, process_index=0, process_count=1)
-    batches = [pipeline.to_global(train._select_labels(next(it), idx), trainer.batch_sharding)
+    batches = [pipeline.to_global(evaluation.select_labels(next(it), idx), trainer.batch_sharding)
                for _ in range(steps)]
     compiled, _, memory = trainer.compile(batches[0])
     state = trainer.init_state()

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from spectrax import checkpoint, embeddings, sharding, train
+from spectrax import checkpoint, embeddings, sharding, train, warm_start
 from spectrax.config_lib import load, specpt_redshift
 from spectrax.data import inputs, mixture, pipeline
 from spectrax.inference import InferenceModel
@@ -132,7 +132,7 @@ def test_adapted_run_in_another_bucket_and_batch_gives_the_same_embeddings(run):
     c.data.buckets = (7808,)
     c.lock()
     trainer = train.Trainer(c, sharding.make_mesh(1, 1), 1)
-    state, _ = train.load_pretrained(trainer.init_state(), trainer, str(run["workdir"]), "",
+    state, _ = warm_start.load_pretrained(trainer.init_state(), trainer, str(run["workdir"]), "",
                                      target="tokenizer")
     ckpt = checkpoint.Checkpointer(run["tmp"] / "adapted", async_save=False)
     ckpt.save(0, state, {}, {"task_state": trainer.task.state()}, force=True)

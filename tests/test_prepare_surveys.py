@@ -54,7 +54,7 @@ def test_prepare_native_survey(tmp_path, survey):
 
 def test_registry_covers_every_survey_and_cli_accepts_them():
     assert set(READERS) == {"desi", "sdss", "lamost", "apogee", "galah", "mmu"}
-    assert prepare.FLAGS["survey"].parser.enum_values == ["auto", *sorted(READERS)]
+    assert prepare.SURVEY_CHOICES == ["auto", *sorted(READERS)]  # --survey
     assert READERS["desi"].native_grid is False and READERS["sdss"].LABEL_NAMES == ("z", "class")
     # every real fixture is recognised as its own survey's by name
     for survey in ("desi", "sdss", "lamost", "apogee", "galah"):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from spectrax import checkpoint, predict, train
+from spectrax import checkpoint, guards, predict, train
 from spectrax.config_lib import load
 from spectrax.data import shards
 
@@ -294,7 +294,7 @@ def test_config_that_does_not_fit_fails_at_compile_time(reference, tmp_path):
 
 
 def test_exploding_gradient_norm_is_reported_with_its_step():
-    monitor = train.GradNormMonitor()
+    monitor = guards.GradNormMonitor()
     assert monitor.update([1, 2, 3, 4, 5, 6], [1.0, 1.2, 0.9, 1.1, 1.0, 5.0]) == []
     warnings = monitor.update([7, 8], [1.1, 40.0])
     assert len(warnings) == 1 and "step 8" in warnings[0] and "exploding" in warnings[0]

@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 
 from spectrax.models import (SpecPTAutoencoder, SpecPTEncoder, SpecPTRedshift, parameter_count,
-                             parameter_table, specpt_config, stem_lengths, stem_token_geometry)
+                             specpt_config, stem_lengths, stem_token_geometry)
 from spectrax.models import specpt
+from spectrax.models.registry import module_counts
 
 L = 7781
 # Model initialisation on CPU is dominated by compiling each initialiser once per shape, so the
@@ -51,16 +52,16 @@ def paper_autoencoder():
 def test_paper_autoencoder_parameter_count_and_stages(paper_autoencoder):
     model = paper_autoencoder
     assert parameter_count(model) == 1_120_475_621
-    stages = dict(parameter_table(model, depth=4))
+    stages = module_counts(model, 4)
     assert stages["encoder/stem/blocks/0"] == 2_816       # conv1 + BatchNorm
     assert stages["encoder/stem/blocks/1"] == 172_416     # conv2 + BatchNorm
     assert stages["encoder/stem/blocks/2"] == 361_216     # conv3 + BatchNorm
-    tops = dict(parameter_table(model, depth=2))
+    tops = module_counts(model, 2)
     assert tops["encoder/proj"] == 63_832_576
     assert tops["encoder/transformer"] == 9_457_152
-    assert dict(parameter_table(model))["decoder"] == 12_612_096
-    assert dict(parameter_table(model))["linear1"] == 63_956_736
-    assert dict(parameter_table(model))["linear2"] == 970_080_613
+    assert module_counts(model, 1)["decoder"] == 12_612_096
+    assert module_counts(model, 1)["linear1"] == 63_956_736
+    assert module_counts(model, 1)["linear2"] == 970_080_613
     # BatchNorm running statistics exist but are not parameters.
     stats = nnx.state(model, nnx.BatchStat)
     assert len(nnx.to_flat_state(stats)) == 6
@@ -74,11 +75,11 @@ def test_paper_redshift_parameter_counts():
     assert unregistered == ("encoder/stem",)
     assert parameter_count(text, exclude=unregistered) == 77_103_617
     assert parameter_count(count, exclude=unregistered) == 74_016_257
-    text_parts = dict(parameter_table(text, depth=2))
+    text_parts = module_counts(text, 2)
     assert text_parts["head/attention"] == 1_050_624
     assert text_parts["head/mlp_blocks"] == 5 * 526_336
     assert text_parts["head/prediction"] == 131_585
-    count_parts = dict(parameter_table(count, depth=3))
+    count_parts = module_counts(count, 3)
     assert count_parts["head/mlp_blocks/0"] == 329_472
     assert count_parts["head/mlp_blocks/1"] == count_parts["head/mlp_blocks/2"] == 198_400
     assert count_parts["head/prediction/output"] == 257

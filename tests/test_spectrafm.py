@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from spectrax.models import parameter_count, parameter_table
+from spectrax.models import parameter_count
 from spectrax.models import spectrafm as S
-from spectrax.models.registry import build_model
+from spectrax.models.registry import build_model, module_counts
 
 TINY = S.spectrafm_config("tiny")
 LABELS = TINY.label_token_ids
@@ -78,7 +78,7 @@ def test_paper_parameter_counts():
     model = abstract("paper")
     assert parameter_count(model) == 11_870_722
     assert parameter_count(model, exclude=("embedding",)) == 8_020_482
-    parts = dict(parameter_table(model, depth=2))
+    parts = module_counts(model, 2)
     D = 256
     attention = 4 * D * D + 4 * D + 2 * D
     block = lambda f: attention + 2 * D * f + f + D + 4 * D  # noqa: E731
@@ -88,7 +88,7 @@ def test_paper_parameter_counts():
     assert parts["decoder/blocks"] == block(2048) + block(1024) + block(512) == 2_633_472
     assert parts["decoder/mlp"] == 3_280_640
     assert parts["decoder/pred_head"] == parts["decoder/logvar_head"] == 257
-    att = dict(parameter_table(model, depth=3))["encoder/0/attention"]
+    att = module_counts(model, 3)["encoder/0/attention"]
     assert att == attention == 263_680
 
 

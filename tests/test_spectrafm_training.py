@@ -14,7 +14,7 @@ from spectrax.config_lib import load
 from spectrax.data import mixture
 from spectrax.models import spectrafm as fm
 from spectrax.spectra import batch_from_arrays
-from spectrax.tasks_spectrafm import SpectraFMTask
+from spectrax.tasks.spectrafm import SpectraFMTask
 
 
 def test_cosine_warm_restarts_by_hand():

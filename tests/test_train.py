@@ -13,8 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from spectrax import checkpoint, train
+from spectrax import checkpoint, train, warm_start
 from spectrax.config_lib import load, specpt_redshift
 from spectrax.sharding import make_mesh
 
@@ -83,10 +84,10 @@ def test_pretrained_encoder_is_copied_exactly(tmp_path):
     train.train(tiny_config(tmp_path, steps=2), ae_dir)
     zc = tiny_config(tmp_path, stage="redshift")
     trainer = train.Trainer(zc, make_mesh(), zc.num_steps)
-    state, _ = train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
+    state, _ = warm_start.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
     src = _params(ae_dir)["encoder"]
-    got = jax.tree.map(np.asarray, train.nnx.to_pure_dict(state["params"]))["encoder"]
-    flat_src = jax.tree_util.tree_leaves(train._strip_value(src))
+    got = jax.tree.map(np.asarray, nnx.to_pure_dict(state["params"]))["encoder"]
+    flat_src = jax.tree_util.tree_leaves(checkpoint.strip_value(src))
     flat_got = jax.tree_util.tree_leaves(got)
     assert len(flat_src) == len(flat_got)
     for a, b in zip(flat_src, flat_got):
@@ -99,7 +100,7 @@ def test_pretrained_from_other_architecture_lists_mismatches(tmp_path):
     zc = specpt_redshift("bgs", "variant=tokens")
     trainer = train.Trainer(zc, make_mesh(), 1)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
-        train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
+        warm_start.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
 
 
 def test_restoring_into_a_different_architecture_fails_clearly(tmp_path):

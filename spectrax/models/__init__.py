@@ -16,7 +16,7 @@ from spectrax.models.specpt import (REDSHIFT_HEADS, VARIANTS as SPECPT_VARIANTS,
                                     stem_lengths, stem_token_geometry)
 
 
-def _param_sizes(model_or_state) -> list[tuple[str, int]]:
+def param_sizes(model_or_state) -> list[tuple[str, int]]:
     """(path 'a/b/c', number of elements) for every nnx.Param of a module or a State."""
     state = (nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module)
              else nnx.filter_state(model_or_state, nnx.Param))
@@ -24,7 +24,7 @@ def _param_sizes(model_or_state) -> list[tuple[str, int]]:
             for path, variable in nnx.to_flat_state(state)]
 
 
-def _under(path: str, prefix: str) -> bool:
+def is_under(path: str, prefix: str) -> bool:
     """True when ``path`` is ``prefix`` or lies below it (component-wise, 'enc' ≠ 'encoder')."""
     return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
@@ -37,22 +37,12 @@ def parameter_count(model_or_abstract, exclude: Iterable[str] = ()) -> int:
       exclude: path prefixes to leave out, e.g. ``("encoder/stem",)``.
     """
     exclude = tuple(exclude)
-    return sum(size for path, size in _param_sizes(model_or_abstract)
-               if not any(_under(path, prefix) for prefix in exclude))
-
-
-def parameter_table(abstract_model, depth: int = 1) -> list[tuple[str, int]]:
-    """Parameter counts grouped by the first ``depth`` path components (depth 1: top-level
-    sub-modules), in path order. Example: ``[('decoder', 12612096), ('encoder', ...), ...]``."""
-    totals: dict[str, int] = {}
-    for path, size in _param_sizes(abstract_model):
-        key = "/".join(path.split("/")[:depth])
-        totals[key] = totals.get(key, 0) + size
-    return list(totals.items())
+    return sum(size for path, size in param_sizes(model_or_abstract)
+               if not any(is_under(path, prefix) for prefix in exclude))
 
 
 __all__ = [
     "REDSHIFT_HEADS", "SPECPT_VARIANTS", "SpecPTAutoencoder", "SpecPTConfig", "SpecPTEncoder",
-    "SpecPTRedshift", "parameter_count", "parameter_table", "specpt_config", "stem_lengths",
+    "SpecPTRedshift", "is_under", "param_sizes", "parameter_count", "specpt_config", "stem_lengths",
     "stem_token_geometry",
 ]

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 from flax import nnx
 
+from spectrax import models
+
 
 def _compute(m) -> dict:
     """The compute settings every model config dataclass takes: dtype and attention."""
@@ -118,36 +120,47 @@ def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
     return BUILDERS[model_cfg.name](model_cfg, rngs)
 
 
-def check_input_length(model_cfg, length: int | None) -> None:
-    """Fixed-grid models (SpecPT's paper architecture) refuse data of another length."""
-    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
-    cfg = getattr(model, "cfg", None)
-    fixed = getattr(cfg, "architecture", None) == "paper"
-    if fixed and length is not None and length != cfg.input_length:
+def abstract_model(model_cfg) -> nnx.Module:
+    """The model of ``model_cfg`` with shapes only (``nnx.eval_shape``: nothing allocated)."""
+    return nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+
+
+def check_input_length(model: nnx.Module, length: int | None) -> None:
+    """Models defined on a fixed grid (``fixed_input_length``: SpecPT's paper architecture)
+    refuse data of another length. ``model`` may be abstract (:func:`abstract_model`)."""
+    fixed = getattr(model, "fixed_input_length", None)
+    if fixed is not None and length is not None and length != fixed:
         raise ValueError(
-            f"model {model_cfg.name}:{model_cfg.variant} is defined on {cfg.input_length} pixels "
-            f"but the data have {length}; resample onto its grid (DESI: 3600-9824 Å, 0.8 Å) "
-            "or use a variant that accepts any length ('tokens')")
+            f"model {type(model).__name__} is defined on {fixed} pixels but the data have "
+            f"{length}; resample onto its grid (DESI: 3600-9824 Å, 0.8 Å) or use a variant "
+            "that accepts any length ('tokens')")
 
 
-def default_frozen(model_cfg) -> tuple[str, ...]:
-    """Parameter paths a model freezes by its own definition (e.g. SpecPT's paper heads)."""
-    model = nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+def default_frozen(model: nnx.Module) -> tuple[str, ...]:
+    """Parameter paths a model freezes by its own definition (``frozen_paths``: e.g. SpecPT's
+    paper heads, a frozen ViT backbone). ``model`` may be abstract."""
     return tuple(getattr(model, "frozen_paths", ()))
 
 
-def parameter_table(abstract_model: nnx.Module, model_cfg=None, depth: int = 2) -> dict:
-    """Parameter counts (nnx.Param only; BatchNorm statistics excluded) grouped by module path,
-    at most ``depth`` components deep. Paths in the model's ``unregistered_paths`` are listed but
-    left out of the total, as the reference's own count leaves them out."""
-    from spectrax.models import _param_sizes, _under
+def module_counts(abstract_model: nnx.Module, depth: int = 2, *,
+                  leaf_names: bool = True) -> dict[str, int]:
+    """Parameter counts (nnx.Param only; BatchNorm statistics excluded) summed over the first
+    ``depth`` components of each parameter's path, in path order; with ``leaf_names=False``
+    the leaf names (kernel, bias, ...) are dropped first, so rows are modules.
+    Example: ``{'decoder': 12612096, 'embedding/weight': 1925120, ...}``."""
+    counts: OrderedDict[str, int] = OrderedDict()
+    for path, size in models.param_sizes(abstract_model):
+        parts = path.split("/") if leaf_names else path.split("/")[:-1]
+        key = "/".join(parts[:depth])
+        counts[key] = counts.get(key, 0) + size
+    return dict(counts)
 
+
+def parameter_table(abstract_model: nnx.Module, depth: int = 2) -> dict:
+    """:func:`module_counts` as rows for the dry run. Paths in the model's
+    ``unregistered_paths`` are listed but left out of the total, as the reference's own count
+    leaves them out."""
     excluded = tuple(getattr(abstract_model, "unregistered_paths", ()))
-    rows: OrderedDict[str, int] = OrderedDict()
-    for path, size in _param_sizes(abstract_model):
-        module = path.split("/")[:-1]  # drop the leaf name (kernel, bias, ...)
-        key = "/".join(module[:depth])
-        rows[key] = rows.get(key, 0) + size
-    table = [{"path": k, "count": v, "excluded": any(_under(k, e) for e in excluded)}
-             for k, v in rows.items()]
+    table = [{"path": k, "count": v, "excluded": any(models.is_under(k, e) for e in excluded)}
+             for k, v in module_counts(abstract_model, depth, leaf_names=False).items()]
     return {"rows": table, "total": sum(r["count"] for r in table if not r["excluded"])}

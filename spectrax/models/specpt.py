@@ -465,6 +465,12 @@ class SpecPTAutoencoder(nnx.Module):
         keep_pixels = untoken_blocks(jnp.repeat(keep[:, :, None], block, axis=2), flux.shape[1])
         return jnp.where(keep_pixels, flux, 0.0), mask & keep_pixels
 
+    @property
+    def fixed_input_length(self) -> int | None:
+        """Pixels the model is defined on (the paper architecture's dense layers), or None when
+        it takes any length ('tokens')."""
+        return self.cfg.input_length if self.cfg.architecture == "paper" else None
+
     def __call__(self, flux, mask, wavelength, *, train: bool):
         """flux [B, L] float32, mask [B, L] bool, wavelength [B, L] Å -> reconstruction [B, L]."""
         deterministic = not train
@@ -684,6 +690,12 @@ class SpecPTRedshift(nnx.Module):
         """Paths the paper's counts leave out: only the reference heads borrow an unregistered
         stem; the corrected 'tokens' model registers (and trains) its own."""
         return self.UNREGISTERED_PATHS if self.head_name.startswith("paper") else ()
+
+    @property
+    def fixed_input_length(self) -> int | None:
+        """Pixels the model is defined on (the paper architecture's dense layers), or None when
+        it takes any length ('tokens')."""
+        return self.cfg.input_length if self.cfg.architecture == "paper" else None
 
     def __call__(self, flux, mask, wavelength, *, train: bool):
         """flux [B, L] float32, mask [B, L] bool, wavelength [B, L] Å -> z [B] float32."""
