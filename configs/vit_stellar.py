@@ -7,7 +7,7 @@ Arguments: ``variant`` b16 (default; DINO ViT-B/16, 85,798,656 backbone paramete
 tiny (CPU); ``representation`` simple | overlap | map2d (default) | map2dnormal |
 map2dnormaldev; ``fill_order`` standard | boustrophedon; ``steps``.
 ``label`` teff | logg | feh. Pretrained weights:
-``--config.model.init_from=<timm / Hugging Face ViT-B/16 file>`` (spectrax.convert_weights).
+``--config.init.from_file=<timm / Hugging Face ViT-B/16 file>`` (spectrax.convert_weights).
 The 1D transformer baseline on the same data: configs/transformer1d_redshift.py.
 """
 from spectrax.config_lib import base_config, parse_arg
@@ -31,7 +31,6 @@ def get_config(arg=None):
     c.model.name = "vit"
     c.model.variant = a.variant
     c.model.representation = a.representation
-    c.model.init_from = ""
     c.model.freeze_backbone = False
     # Inputs are median-normalised, so the per-spectrum min–max colour scale replaces the
     # paper's fixed vmin/vmax (which assume SDSS flux units); longer spectra are cut.

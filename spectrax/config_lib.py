@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init.from_workdir = ""      # start from another run's latest checkpoint
     c.init.prefix = ""            # ... copying only this subtree (e.g. "encoder")
     c.init.target = ""            # ... into this subtree of the new model (default: prefix)
+    c.init.from_file = ""         # or a timm / Hugging Face ViT-B/16 file, into `backbone`
 
     c.log_every = 25
     c.ckpt_every = 200

@@ -230,14 +230,8 @@ def _train(config, workdir, preempt: guards.Preemption) -> dict:
         if is_main:
             print(f"resumed from step {int(state['step'])} ({ckpt.directory})", flush=True)
     else:
-        state = trainer.init_state()
-        pretrained_task_state = None
-        if config.model.get("init_from"):
-            state = warm_start.load_backbone_weights(state, trainer, config.model.init_from)
-        if config.init.from_workdir:
-            state, pretrained_task_state = warm_start.load_pretrained(
-                state, trainer, config.init.from_workdir, config.init.prefix,
-                target=config.init.target or None)
+        state, pretrained_task_state = warm_start.initialise(trainer.init_state(), trainer,
+                                                             config.init)
         # Fine-tunes reuse the statistics their base model was trained with (SpectraFM,
         # label standardisation); a fresh model takes them from this train split.
         trainer.task.fit_state(manifest.stats.get("labels", {}), data_dir)

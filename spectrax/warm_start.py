@@ -1,6 +1,6 @@
-"""Initialising a run from other weights: a subtree of another run's checkpoint
-(``config.init.from_workdir``, e.g. the SpecPT encoder for the redshift model) or a timm /
-Hugging Face ViT-B/16 file (``config.model.init_from``)."""
+"""Initialising a run from other weights (``config.init``): a subtree of another run's checkpoint
+(``from_workdir``, ``prefix``, ``target``: e.g. the SpecPT encoder for the redshift model) and/or
+a timm / Hugging Face ViT-B/16 file (``from_file``, into the model's ``backbone``)."""
 from __future__ import annotations
 
 import jax
@@ -60,3 +60,16 @@ def load_backbone_weights(state, trainer, path: str):
     _, params, _, _ = nnx.split(model, nnx.Param, nnx.RngState, ...)
     print(f"backbone initialised from {path}: {report}", flush=True)
     return {**state, "params": jax.device_put(params, trainer.state_shardings["params"])}
+
+
+def initialise(state, trainer, init) -> tuple[dict, dict | None]:
+    """A fresh ``state`` initialised as ``init`` (``config.init``) says; returns (state, the
+    task state of the run it came from, or None). Without ``from_file`` and ``from_workdir``
+    the state is returned unchanged."""
+    task_state = None
+    if init.get("from_file"):
+        state = load_backbone_weights(state, trainer, init.from_file)
+    if init.from_workdir:
+        state, task_state = load_pretrained(state, trainer, init.from_workdir, init.prefix,
+                                            target=init.target or None)
+    return state, task_state

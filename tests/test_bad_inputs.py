@@ -30,8 +30,9 @@ from spectrax.data import inputs, pipeline, shards
 from spectrax.data.grids import desi_wavelength
 from spectrax.data.readers import desi
 from spectrax.spectra import SpectrumError
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "desi"
+REAL = FIXTURES / "desi"
 REAL_COADD = "coadd-4-80613-thru20210324.fits"
 REAL_REDROCK = "redrock-4-80613-thru20210324.fits"
 

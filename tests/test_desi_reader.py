@@ -13,8 +13,9 @@ from spectrax.data.readers.desi import (
     bgs_quality_cuts, elg_oii_criterion, elg_quality_cuts, merge_cameras, read_desi_coadd)
 from spectrax.spectra import SpectrumError
 from fits_edit import edited_copy
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "real" / "desi"
+REAL = FIXTURES / "desi"
 COADD = REAL / "coadd-4-80613-thru20210324.fits"
 REDROCK = REAL / "redrock-4-80613-thru20210324.fits"
 SV3 = REAL / "coadd-sv3-dark-26065.fits"

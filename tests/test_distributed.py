@@ -29,9 +29,8 @@ from spectrax import checkpoint, evaluation, train
 from spectrax.data import pipeline, shards
 from spectrax.prepare import ensure_data
 from spectrax.sharding import make_mesh
-from test_train import tiny_config  # tests/ is on sys.path (pytest's prepend import mode)
+from helpers import ROOT, tiny_config  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Two processes vs one: the same global batches through the same program, but the batch-axis
 # reductions (loss mean, BatchNorm statistics, the gradient all-reduce over gloo) add in another

@@ -18,21 +18,16 @@ from spectrax.config_lib import load, specpt_redshift
 from spectrax.data import inputs, mixture, pipeline
 from spectrax.inference import InferenceModel
 from spectrax.spectra import SURVEY_IDS
+from helpers import ROOT, shrunk  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
 P = 32  # the tiny tokenizer's patch size
 
 
 def _tiny(c, tmp):
-    c.unlock()
     # val: one SDSS galaxy, DESI galaxy, GALAH and APOGEE star (both buckets); test: one
     # GALAH star (the final evaluation compiles one bucket only).
-    c.data.n_train, c.data.n_val, c.data.n_test = 16, 4, 1
-    c.data.cache_dir = str(tmp / "data")
-    c.num_steps, c.batch_size, c.eval_batch_size = 1, 4, 8
-    c.log_every, c.ckpt_every, c.num_figures = 1, 100, 1
-    c.optim.warmup_steps = 1
-    return c
+    return shrunk(c, tmp / "data", splits=(16, 4, 1), steps=1, batch_size=4, eval_batch_size=8,
+                  log_every=1, ckpt_every=100, num_figures=1, warmup_steps=1)
 
 
 def _raise(message):

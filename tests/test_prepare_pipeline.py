@@ -15,8 +15,8 @@ import pytest
 from benchmarks.prepare_scale import write_files
 from spectrax import prepare
 from spectrax.data import shards
+from helpers import ROOT  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
 PER_FILE = 30
 
 

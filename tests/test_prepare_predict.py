@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ from astropy.table import Table
 from spectrax import predict, prepare, train
 from spectrax.config_lib import specpt_redshift
 from spectrax.data import inputs, shards
+from helpers import FIXTURES, ROOT  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
-DESI = ROOT.parent / "shared" / "fixtures" / "real" / "desi"
+DESI = FIXTURES / "desi"
 pytestmark = pytest.mark.skipif(not DESI.exists(),
                                 reason=f"real DESI fixtures not found at {DESI}")
 TARGET = 39633345008634465

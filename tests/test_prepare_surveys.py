@@ -15,9 +15,9 @@ from spectrax.data import inputs, shards
 from spectrax.data.readers import READERS, detect_survey
 from spectrax.spectra import CLASS_IDS
 from fits_edit import edited_copy
+from helpers import FIXTURES, ROOT  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "fixtures" / "real"
+REAL = FIXTURES
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"real fixtures not found at {REAL}")
 DESI_COADD = REAL / "desi" / "coadd-4-80613-thru20210324.fits"
 DESI_REDROCK = REAL / "desi" / "redrock-4-80613-thru20210324.fits"

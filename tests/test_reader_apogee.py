@@ -1,7 +1,6 @@
 """APOGEE aspcapStar / apStar reader against direct astropy reads of the real fixture files."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,9 @@ from spectrax.data.readers.apogee import CHIP_PIXELS, LABEL_NAMES, read_apogee
 from spectrax.data.readers.common import stable_id
 from spectrax.spectra import SpectrumError
 from fits_edit import edited_copy
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "apogee"
+REAL = FIXTURES / "apogee"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"APOGEE fixtures not found at {REAL}")
 ASPCAP = REAL / "aspcapStar-r6-l30e.2-2M05392474+4038437.fits"  # calibrated PARAM
 APSTAR = REAL / "apStar-r6-2M00452143+1634446.fits"

@@ -12,8 +12,9 @@ from spectrax.data.readers.common import air_to_vacuum
 from spectrax.data.readers.galah import LABEL_NAMES, read_galah
 from spectrax.spectra import SpectrumError
 from fits_edit import edited_copy
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "galah"
+REAL = FIXTURES / "galah"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"GALAH fixtures not found at {REAL}")
 STAR = 210115000101001
 CCDS = [REAL / f"{STAR}{c}.fits" for c in range(1, 5)]

@@ -10,8 +10,9 @@ from astropy.io import fits
 from spectrax.data.readers.common import air_to_vacuum
 from spectrax.data.readers.lamost import LABEL_NAMES, read_lamost
 from spectrax.spectra import CLASS_IDS, SpectrumError
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "lamost"
+REAL = FIXTURES / "lamost"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"LAMOST fixtures not found at {REAL}")
 FIRST = REAL / "spec-55862-B6212_sp06-003.fits"
 

@@ -1,7 +1,6 @@
 """SDSS spec-lite reader against direct astropy reads of the real fixture files."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +9,9 @@ from astropy.io import fits
 from spectrax.data.readers.sdss import LABEL_NAMES, read_sdss
 from spectrax.spectra import CLASS_IDS, SpectrumError
 from fits_edit import edited_copy
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "sdss"
+REAL = FIXTURES / "sdss"
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason=f"SDSS fixtures not found at {REAL}")
 EXPECTED = {"spec-0854-52373-0369.fits": (0.0365, "GALAXY"),
             "spec-0907-52373-0419.fits": (0.0740, "QSO"),

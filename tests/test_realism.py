@@ -13,8 +13,9 @@ from spectrax.baselines import template_fit as tf
 from spectrax.data import synthetic as syn
 from spectrax.data.grids import desi_wavelength
 from spectrax.data.readers import desi
+from helpers import FIXTURES  # tests/helpers.py
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
+REAL = FIXTURES
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/fixtures/real is absent")
 
 

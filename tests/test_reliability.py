@@ -23,8 +23,8 @@ import pytest
 from spectrax import checkpoint, guards, predict, train
 from spectrax.config_lib import load
 from spectrax.data import shards
+from helpers import ROOT  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 EIGHT_DEVICES = {"JAX_NUM_CPU_DEVICES": "8",
                  "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}

@@ -14,6 +14,7 @@ from spectrax.config_lib import load
 from spectrax.data import mixture
 from spectrax.models import spectrafm as fm
 from spectrax.spectra import batch_from_arrays
+from helpers import shrunk  # tests/helpers.py
 from spectrax.tasks.spectrafm import SpectraFMTask
 
 
@@ -88,14 +89,9 @@ def test_task_predicts_all_nan_spectrum_as_nan_and_counts_chunks():
 
 
 def _tiny(c, tmp_path, steps, **data):
-    c.unlock()
-    c.data.n_train, c.data.n_val, c.data.n_test = 48, 8, 16
-    c.data.cache_dir = str(tmp_path.parent / "spectrax-fm-data")
-    c.data.update(data)
-    c.num_steps, c.batch_size, c.eval_batch_size = steps, 8, 16
-    c.log_every, c.ckpt_every, c.num_figures = 2, 100, 1
-    c.optim.warmup_steps = 0
-    return c
+    return shrunk(c, tmp_path.parent / "spectrax-fm-data", splits=(48, 8, 16), steps=steps,
+                  batch_size=8, eval_batch_size=16, log_every=2, ckpt_every=100, num_figures=1,
+                  warmup_steps=0, **data)
 
 
 def _flat(tree):

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,24 +17,8 @@ from flax import nnx
 from spectrax import checkpoint, train, warm_start
 from spectrax.config_lib import load, specpt_redshift
 from spectrax.sharding import make_mesh
+from helpers import ROOT, tiny_config  # tests/helpers.py
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tmp_path, *, stage="autoencoder", steps=6, **data):
-    """A seconds-long run on a few hundred simulated spectra with the 'tiny' model."""
-    name = "specpt_bgs" if stage == "autoencoder" else "specpt_redshift_bgs"
-    c = load(f"configs/{name}.py", "variant=tiny")
-    c.unlock()
-    c.data.n_train, c.data.n_val, c.data.n_test = 96, 16, 24
-    c.data.cache_dir = str(tmp_path.parent / "spectrax-test-data")
-    c.data.update(data)
-    c.num_steps, c.batch_size, c.eval_batch_size = steps, 8, 16
-    c.log_every, c.ckpt_every = 2, 4
-    c.optim.warmup_steps = 2
-    c.init.from_workdir = ""
-    c.num_figures = 2
-    return c.lock()
 
 
 def _cli(*args, env=None, timeout=600):
