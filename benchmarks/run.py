@@ -276,7 +276,8 @@ def prepare(name: str, *, batch: int = 0, n_train: int = 512, cache_dir: str = "
     from spectrax import sharding
     from spectrax.data import shards
     from spectrax.prepare import ensure_data
-    from spectrax.train import Trainer, label_indices
+    from spectrax.evaluation import label_indices
+    from spectrax.train import Trainer
 
     if name not in CONFIGS:
         raise ValueError(f"unknown benchmark config {name!r}; known: {sorted(CONFIGS)}")
@@ -311,10 +312,10 @@ def _iterator(config, data_dir, threads: int):
 def fixed_batches(config, data_dir, idx, count: int = 4, draw: int = 12) -> list:
     """``count`` host batches of one shape from the config's pipeline: of ``draw`` batches, those
     of the longest pixel length (the costliest bucket)."""
-    from spectrax.train import _select_labels
+    from spectrax.evaluation import select_labels
 
     it = _iterator(config, data_dir, config.data.num_threads)
-    drawn = [_select_labels(next(it), idx) for _ in range(draw if config.data.buckets
+    drawn = [select_labels(next(it), idx) for _ in range(draw if config.data.buckets
                                                             else count)]
     longest = max(b.num_pixels for b in drawn)
     return [b for b in drawn if b.num_pixels == longest][:count]
@@ -325,14 +326,14 @@ def bench_pipeline(config, data_dir, idx, sharding, threads: int, batches: int) 
     selection and assembly of the global device batch (the loop's per-step host work). The
     first batch (iterator start-up) is excluded."""
     from spectrax.data import pipeline
-    from spectrax.train import _select_labels
+    from spectrax.evaluation import select_labels
 
     it = _iterator(config, data_dir, threads)
-    jax.block_until_ready(pipeline.to_global(_select_labels(next(it), idx), sharding))
+    jax.block_until_ready(pipeline.to_global(select_labels(next(it), idx), sharding))
     t0 = time.perf_counter()
     out = None
     for _ in range(batches):
-        out = pipeline.to_global(_select_labels(next(it), idx), sharding)
+        out = pipeline.to_global(select_labels(next(it), idx), sharding)
     jax.block_until_ready(out)
     return batches * config.batch_size / (time.perf_counter() - t0)
 
@@ -347,8 +348,7 @@ def _loss_functions(trainer, seed: int):
     def loss_of(params_, other, batch_):
         model = nnx.merge(trainer.graphdef, params_, trainer.rng_template, other, copy=True)
         nnx.reseed(model, dropout=key)
-        extra = {"rng": jax.random.fold_in(key, 1)} if trainer.task_uses_rng else {}
-        return trainer.task.loss(model, batch_, train=True, **extra)[0]
+        return trainer.task.loss(model, batch_, train=True, rng=jax.random.fold_in(key, 1))[0]
 
     fwd = jax.jit(lambda st, b: loss_of(st["params"], st["other"], b))
     fwdbwd = jax.jit(lambda st, b: jax.value_and_grad(loss_of)(st["params"], st["other"], b))

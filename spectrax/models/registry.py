@@ -5,12 +5,16 @@ The training loop, ``spectrax.predict`` and the benchmarks build models only thr
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any, Callable
 
+import jax
 from flax import nnx
 
-from spectrax import models
+from spectrax import models, render
+from spectrax.models import mlp, specpt, spectrafm, tokenizer, transformer1d, vit
+from spectrax.nn.attention import check_implementation
 
 
 def _compute(m) -> dict:
@@ -19,32 +23,27 @@ def _compute(m) -> dict:
 
 
 def _specpt_autoencoder(m, rngs):
-    from spectrax.models import specpt
     return specpt.SpecPTAutoencoder(specpt.specpt_config(m.variant or "small", **_compute(m)),
                                     rngs=rngs)
 
 
 def _specpt_redshift(m, rngs):
-    from spectrax.models import specpt
     return specpt.SpecPTRedshift(specpt.specpt_config(m.variant or "small", **_compute(m)),
                                  head=m.head or None,
                                  batch_mixing_attention=m.batch_mixing_attention, rngs=rngs)
 
 
 def _tokenizer(m, rngs):
-    from spectrax.models import tokenizer
     return tokenizer.SpectralTokenizer(
         tokenizer.tokenizer_config(m.variant or "small", **_compute(m)), rngs=rngs)
 
 
 def _spectrafm(m, rngs):
-    from spectrax.models import spectrafm
     return spectrafm.SpectraFM(
         spectrafm.spectrafm_config(m.variant or "small", **_compute(m)), rngs=rngs)
 
 
 def _tokenizer_adapted(m, rngs):
-    from spectrax.models import tokenizer
     if not m.num_outputs:
         raise ValueError("config.model.num_outputs must be set for tokenizer_adapted (classes "
                          "for classification, labels for regression)")
@@ -55,10 +54,6 @@ def _tokenizer_adapted(m, rngs):
 
 def _vit(m, rngs):
     """ViT-B/16 (or 'tiny') on spectra rendered on the fly as ``m.representation`` images."""
-    import functools
-
-    from spectrax import render
-    from spectrax.models import vit
     model = vit.build(m, rngs, m.num_outputs or 3)
     if m.get("representation"):
         options = m.render.to_dict() if m.get("render") is not None else {}
@@ -68,12 +63,10 @@ def _vit(m, rngs):
 
 
 def _transformer1d(m, rngs):
-    from spectrax.models import transformer1d
     return transformer1d.build(m, rngs, m.num_outputs or 1)
 
 
 def _window_mlp(m, rngs):
-    from spectrax.models import mlp
     return mlp.build(m, rngs, m.num_outputs or 1)
 
 
@@ -96,7 +89,6 @@ def compute_dtype(name: str) -> str:
     way."""
     if name != "auto":
         return name
-    import jax
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
 
 
@@ -107,8 +99,6 @@ def build_model(model_cfg, *, rngs: nnx.Rngs) -> nnx.Module:
     :mod:`spectrax.nn.attention`) goes to the model's size dataclass, which hands it to each
     layer; ``model_cfg.dtype='auto'`` is resolved by :func:`compute_dtype`.
     """
-    from spectrax.nn.attention import check_implementation
-
     if model_cfg.name not in BUILDERS:
         raise ValueError(f"config.model.name={model_cfg.name!r}; known: {sorted(BUILDERS)}")
     check_implementation(model_cfg.get("attention", "auto"))

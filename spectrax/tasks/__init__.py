@@ -12,11 +12,11 @@ The training loop knows only this interface:
 - ``figures(outputs, batch_examples, workdir) -> list[path]``;
 - ``catalogue(outputs) -> dict[column, array]`` for the FITS catalogue of ``spectrax.predict``.
 
-Optional hooks (defaults below in :class:`Task`): ``bind_labels(available)`` lets a task use
-labels only when the shards have them (e.g. the survey of each spectrum); ``fit_state(stats, data_dir)``
-takes what the task needs from the train split's statistics (label standardisation), and
-``state()`` / ``load_state()`` carry it through checkpoints, so fine-tunes and inference reuse the
-statistics the model was trained with.
+Optional hooks (defaults in :class:`spectrax.tasks.base.Task`): ``bind_labels(available)`` lets
+a task use labels only when the shards have them (e.g. the survey of each spectrum);
+``fit_state(stats, data_dir)`` takes what the task needs from the train split's statistics
+(label standardisation), and ``state()`` / ``load_state()`` carry it through checkpoints, so
+fine-tunes and inference reuse the statistics the model was trained with.
 
 Models are called as ``model(flux, mask, wavelength, train=bool)`` on median-normalised flux,
 except models with ``takes_raw_spectra = True`` (the tokenizer family), which normalise inside

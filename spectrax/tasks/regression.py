@@ -11,7 +11,7 @@ from spectrax import metrics as M
 from spectrax import plots
 from spectrax.models.spectrafm import IRON_POOR_FE_H
 from spectrax.tasks.base import Task, forward, valid_rows
-from spectrax.tasks import redshift
+from spectrax.tasks.redshift import redshift_metrics_and_table, success_table, write_success_table
 
 
 class RegressionTask(Task):
@@ -82,8 +82,8 @@ class RegressionTask(Task):
                         f"{name}_crps": M.crps_gaussian(y, yp, np.full_like(y, sigma)),
                         f"n_{name}": int(v.sum())})
             if name == "z":
-                res.update({f"z_{k2}": v2
-                            for k2, v2 in redshift.redshift_metrics_and_table(out, v, y, yp).items()})
+                z_metrics = redshift_metrics_and_table(out, v, y, yp)
+                res.update({f"z_{key}": value for key, value in z_metrics.items()})
             if name.lower() in ("feh", "fe_h"):  # SpectraFM's stage-3 evaluation
                 poor = y < IRON_POOR_FE_H
                 if poor.any():
@@ -98,10 +98,9 @@ class RegressionTask(Task):
         if "z" in self.label_names:
             k = self.label_names.index("z")
             rows = valid_rows(out) & out["label_mask"][:, k]
-            table = redshift.success_table(out, rows, out["labels"][rows, k],
-                                           out["pred"][rows, k])
+            table = success_table(out, rows, out["labels"][rows, k], out["pred"][rows, k])
             if table is not None:
-                paths.append(redshift.write_success_table(table, workdir))
+                paths.append(write_success_table(table, workdir))
         return paths
 
     def catalogue(self, out) -> dict[str, np.ndarray]:

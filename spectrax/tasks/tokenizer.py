@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectrax import plots
+from spectrax.models.tokenizer import gaussian_nll
 from spectrax.spectra import SURVEY_NAMES, SpectrumBatch
 from spectrax.tasks.base import Task, valid_rows
 
@@ -41,7 +42,6 @@ class TokenizerReconstructionTask(Task):
         return out, out.pixel_mask & batch.valid[:, None]
 
     def loss(self, model, batch: SpectrumBatch, *, train: bool, rng=None):
-        from spectrax.models.tokenizer import gaussian_nll
         out, w = self._output(model, batch, train)
         loss = gaussian_nll(out.reconstruction, out.flux, out.sigma, w)
         return loss, {"valid_pixel_frac": w.sum() / jnp.maximum(
