@@ -116,7 +116,7 @@ def figure(result: dict, path: Path, title: str = "") -> Path:
         ax.plot(w, gapped(att), lw=0.5, color="C3")
         ax.set_ylabel(name, fontsize=8)
     axes[-1].set_xlabel("wavelength [Å]")
-    return plots._save(fig, path)
+    return plots.save_figure(fig, path)
 
 
 flags.DEFINE_string("checkpoint", None, "Run directory of a SpectraFM run.")

@@ -16,7 +16,8 @@ import numpy as np  # noqa: E402
 OUTLIER = 0.15  # |Δz| / (1 + z) beyond which a redshift is an outlier (SPECS.md section 5)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Writes ``fig`` to ``path`` (parents made, 110 dpi, tight) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -47,7 +48,7 @@ def reconstructions(batch, recon: np.ndarray, path: Path, n: int = 6) -> Path:
         ax.set_ylabel("flux")
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("observed wavelength [Å]")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def redshift_scatter(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Path:
@@ -67,7 +68,7 @@ def redshift_scatter(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Path
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def redshift_residuals(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Path:
@@ -81,7 +82,7 @@ def redshift_residuals(z_true: np.ndarray, z_pred: np.ndarray, path: Path) -> Pa
         ax.axvline(sign * OUTLIER, color="C3", ls="--", lw=0.8)
     ax.set_xlabel("Δz / (1 + z_true)   (Δz = z_true − z_pred)")
     ax.set_ylabel("spectra")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def loss_curve(metrics_jsonl: Path, path: Path) -> Path:
@@ -98,7 +99,7 @@ def loss_curve(metrics_jsonl: Path, path: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reconstruction_rows(rows, path: Path, title: str = "") -> Path:
@@ -135,7 +136,7 @@ def reconstruction_rows(rows, path: Path, title: str = "") -> Path:
     if title:
         axes[0, 0].set_title(title, fontsize=9)
     axes[-1, 0].set_xlabel("observed wavelength [Å]")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion(cm: np.ndarray, names, path: Path) -> Path:
@@ -154,7 +155,7 @@ def confusion(cm: np.ndarray, names, path: Path) -> Path:
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def label_scatter(labels: np.ndarray, pred: np.ndarray, valid: np.ndarray, names,
@@ -176,7 +177,7 @@ def label_scatter(labels: np.ndarray, pred: np.ndarray, valid: np.ndarray, names
                      fontsize=9)
         ax.set_xlabel(f"true {name}")
         ax.set_ylabel(f"predicted {name}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def embedding_projection(xy: np.ndarray, colour: np.ndarray, path: Path, *, method: str,
@@ -197,4 +198,4 @@ def embedding_projection(xy: np.ndarray, colour: np.ndarray, path: Path, *, meth
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")
     ax.set_title(f"embeddings ({method}) coloured by {colour_name}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

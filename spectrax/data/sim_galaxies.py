@@ -36,7 +36,7 @@ from spectrax.data import galaxy_pop
 from spectrax.data.sim_quasars import (BLOCK, GridModel, check_common_args, draw_bad_pixels,
                                        draw_observing, gaussian_sum, grid_model,
                                        inverse_cdf_mag, observe, simulate_rows)
-from spectrax.data.synthetic import R_BAND_EFF, _rmag_to_flambda
+from spectrax.data.synthetic import R_BAND_EFF, rmag_to_flambda
 
 GALAXY_CODE = 40  # enters the seed and the ids
 LINE_NAMES = galaxy_pop.LINE_NAMES  # order of "line_flux"
@@ -119,7 +119,7 @@ def _render_gal(p: dict, bad: tuple, noise_rngs: list, grid: GridModel, noiseles
         at_r = galaxy_pop.render_continuum(p, z, np.log(np.array([R_BAND_EFF - 0.5,
                                                                    R_BAND_EFF + 0.5])),
                                            np.full(2, 1e-4)).mean(1)
-    scale = _rmag_to_flambda(p["rmag"]) / at_r
+    scale = rmag_to_flambda(p["rmag"]) / at_r
     cont = cont * scale.astype(np.float32)[:, None]
     fluxes = tr["line_lum"] * (scale * (1 + z))[:, None]                  # [B, M]
     obs = LINE_WAVE[None] * (1 + z[:, None])

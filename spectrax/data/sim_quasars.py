@@ -74,7 +74,7 @@ import functools
 import numpy as np
 
 from spectrax.data.synthetic import (BLOCK, C_KMS, FWHM_TO_SIGMA, SKY_LINE_SCALE, SQRT_2PI,
-                                     _rmag_to_flambda, sky_lines, templates)
+                                     rmag_to_flambda, sky_lines, templates)
 
 QSO_CODE = 30  # enters the seed and the ids (synthetic.py uses 1 and 2; galaxies use 40)
 LYA = 1215.67
@@ -602,7 +602,7 @@ def _render_qso(p: dict, absorbers: tuple, bad: tuple, noise_rngs: list, grid: G
             + pl5100 * (col("a_feopt") * fe_opt + col("host") * host))
     # Flux scale: unabsorbed continuum at observed R_BAND_EFF = flux of the r magnitude.
     at_r = _unit_continuum_at((R_BAND_EFF / (1 + z))[:, None], p)[:, 0]
-    scale = _rmag_to_flambda(p["mag"]) / at_r                            # [B]
+    scale = rmag_to_flambda(p["mag"]) / at_r                            # [B]
     cont = cont * scale.astype(np.float32)[:, None]
 
     # Lines: flux = rest EW × (1+z) × power law at the line (observed, scaled).

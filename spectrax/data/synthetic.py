@@ -487,7 +487,7 @@ def _line_half_widths(rest: np.ndarray, sigma_rest: np.ndarray, sigma_kms: float
     return np.where(on_grid, hw, 0)
 
 
-def _rmag_to_flambda(rmag: np.ndarray) -> np.ndarray:
+def rmag_to_flambda(rmag: np.ndarray) -> np.ndarray:
     """AB magnitude → f_λ at R_BAND_EFF, in 1e-17 erg/s/cm²/Å."""
     fnu = 10.0 ** (-0.4 * (rmag + 48.6))
     return fnu * (C_KMS * 1e13) / R_BAND_EFF**2 * 1e17
@@ -519,7 +519,7 @@ def _model(p: dict, sample: str) -> dict[str, np.ndarray]:
     band = (inst.wave >= R_BAND[0]) & (inst.wave <= R_BAND[1])
     # rest-frame L☉/Å per M☉ → observed f_λ: the scale absorbs 1/(4π d_L² (1+z)); line fluxes
     # (no 1/(1+z) stretch) take (1+z) × it.
-    scale = _rmag_to_flambda(p["rmag"]) / cont[:, band].mean(axis=1, dtype=np.float64)
+    scale = rmag_to_flambda(p["rmag"]) / cont[:, band].mean(axis=1, dtype=np.float64)
     cont = cont * scale[:, None].astype(np.float32)
     fluxes = tr["line_lum"] * (scale * (1 + z))[:, None]
     return {"continuum": cont, "line_flux": fluxes, "scale": scale, "truth": tr}
