@@ -136,31 +136,68 @@ def specpt_autoencoder(sample: str, arg: str | None) -> ml_collections.ConfigDic
     return c.lock()
 
 
-def specpt_redshift(sample: str, arg: str | None) -> ml_collections.ConfigDict:
-    """The SpecPT redshift model on the simulated DESI ``sample``, initialised from the
-    autoencoder run of the same variant (``runs/specpt_<sample>-<variant>``): run
-    ``python -m spectrax.train --config=configs/specpt_<sample>.py:variant=<v>`` first.
+# The scanned redshift range of the ZScan models per simulated sample: a margin around the
+# simulator's range (BGS 0.02–0.6, ELG 0.6–1.6) so that a galaxy beyond the trained range can
+# still be located and flagged (ZWARN OUTSIDE_TRAINED_RANGE) instead of being mapped into it.
+ZSCAN_RANGES = {"bgs": dict(z_min=0.0, z_max=0.7, prior_z_range=(0.02, 0.6)),
+                "elg": dict(z_min=0.5, z_max=1.7, prior_z_range=(0.6, 1.6))}
 
-    Variants: ``tokens`` (default), ``small``, ``paper`` / ``paper_text`` (the head the paper's
-    text describes, 77,103,617 parameters), ``paper_count`` (the head the paper's count matches,
-    74,016,257), ``tokens_paper``.
+
+def specpt_redshift(sample: str, arg: str | None) -> ml_collections.ConfigDict:
+    """Redshifts of the simulated DESI ``sample`` (bgs | elg).
+
+    Variants:
+
+    * ``zscan`` (default): the learned matched filter (:mod:`spectrax.models.zscan`), a
+      distribution over ln(1+z) bins trained by cross-entropy from scratch (it needs no
+      autoencoder). CPU width, the quick start's redshift model.
+    * ``zscan_long``: the same design wider (``base``), longer, on more simulated spectra: the
+      ≤ 45-min CPU configuration.
+    * ``zscan_tiny``: toy width, for tests.
+    * The SpecPT heads, initialised from the autoencoder run of the same variant
+      (``runs/specpt_<sample>-<variant>``; run ``configs/specpt_<sample>.py:variant=<v>``
+      first): ``tokens``, ``small``, ``paper`` / ``paper_text`` (the head the paper's text
+      describes, 77,103,617 parameters), ``paper_count`` (the head the paper's count matches,
+      74,016,257), ``tokens_paper``.
+
+    Arguments: ``steps`` overrides the number of training steps.
     """
-    a = parse_arg(arg, variant="tokens")
+    a = parse_arg(arg, variant="zscan", steps=0)
+    c = base_config()
+    c.name = f"specpt_redshift_{sample}"
+    c.task = "redshift"
+    c.data.simulator = SPECPT_SAMPLES[sample]
+    if a.variant.startswith("zscan"):
+        zscan_variants = {"zscan": "small", "zscan_long": "base", "zscan_tiny": "tiny"}
+        if a.variant not in zscan_variants:
+            raise ValueError(f"unknown variant {a.variant!r}; known ZScan variants: "
+                             f"{sorted(zscan_variants)}")
+        c.task_kwargs.target = "two_hot"
+        c.model.name = "zscan"
+        c.model.variant = zscan_variants[a.variant]
+        c.model.scan = ml_collections.ConfigDict(ZSCAN_RANGES[sample])
+        c.optim.lr = 3e-3
+        c.optim.weight_decay = 1e-4
+        c.optim.warmup_steps = 50
+        c.batch_size = 32
+        c.num_steps = 600
+        if a.variant == "zscan_long":
+            c.data.n_train = 40000
+            c.num_steps = 4000
+        c.num_steps = a.steps or c.num_steps
+        return c.lock()
     heads = {"paper_text": ("paper", "paper_text"), "paper_count": ("paper", "paper_count"),
              "paper": ("paper", "paper_text"), "small": ("small", "paper_text"),
              "tokens": ("tokens", "tokens"), "tokens_paper": ("tokens_paper", "tokens"),
              "tiny": ("tiny", "tokens")}
     if a.variant not in heads:
-        raise ValueError(f"unknown variant {a.variant!r}; known: {sorted(heads)}")
+        raise ValueError(f"unknown variant {a.variant!r}; known: "
+                         f"{sorted(heads) + ['zscan', 'zscan_long', 'zscan_tiny']}")
     encoder_variant, head = heads[a.variant]
-    c = base_config()
-    c.name = f"specpt_redshift_{sample}"
-    c.task = "redshift"
     c.task_kwargs.norm = "std"
     c.model.name = "specpt_redshift"
     c.model.variant = encoder_variant
     c.model.head = head
-    c.data.simulator = SPECPT_SAMPLES[sample]
     c.init.from_workdir = f"runs/specpt_{sample}-{encoder_variant}"
     c.init.prefix = "encoder"
     c.optim.lr = 1e-3 if encoder_variant in ("small", "tokens") else 1e-4
@@ -172,6 +209,7 @@ def specpt_redshift(sample: str, arg: str | None) -> ml_collections.ConfigDict:
         c.batch_size = 128
         c.optim.warmup_steps = 500   # the reference meant 500 warm-up steps (SPECS.md)
         c.num_steps = 20000
+    c.num_steps = a.steps or c.num_steps
     return c.lock()
 
 
