@@ -173,6 +173,9 @@ def specpt_redshift(sample: str, arg: str | None) -> ml_collections.ConfigDict:
             raise ValueError(f"unknown variant {a.variant!r}; known ZScan variants: "
                              f"{sorted(zscan_variants)}")
         c.task_kwargs.target = "two_hot"
+        # Named after the config variant: the model variants (small, base, tiny) share names
+        # with SpecPT's, whose runs live in runs/specpt_redshift_<sample>-<variant> too.
+        c.workdir = f"runs/specpt_redshift_{sample}-{a.variant}"
         c.model.name = "zscan"
         c.model.variant = zscan_variants[a.variant]
         c.model.scan = ml_collections.ConfigDict(ZSCAN_RANGES[sample])

@@ -74,29 +74,76 @@ class ZWarn:
 # ==============================================================================================
 # Learned redshift distributions -> Z, ZERR, DELTACHI2, candidates (jax, inside predict)
 # ==============================================================================================
-def summarise_logits(logits, ln1pz_grid, *, n_candidates: int = 3,
-                     min_separation_kms: float = MIN_SEPARATION_KMS) -> dict[str, jax.Array]:
-    """Reads a redshift and its quality off logits over ln(1+z) bins (module docstring).
+LOG_SIGMA_RANGE = (math.log(0.02), math.log(3.0))   # sub-bin widths, in bins
+HOLDOUT_MODULUS = 10     # 1 in 10 training spectra calibrates ZERR and never trains the model
+CALIBRATION_FEATURES = 2
+CALIBRATION_SCALE = 10.0  # coefficients are stored /10: Adam then moves them 10× faster
+
+
+def split_output(output):
+    """A redshift model's output -> (logits [B, M], offset [B, M] or None, log σ [B, M] or None).
+
+    [B, M]: logits over the bins only. [B, M, 3]: a mixture with sub-bin resolution: per bin its
+    logit, the offset (in bins, |·| < 1) of the redshift from the bin centre given that bin,
+    and the ln σ (in bins) of a Gaussian around it; the density of the bin position x is
+    Σ_i softmax(logit)_i · N(x; i + offset_i, σ_i²)."""
+    output = output.astype(jnp.float32)
+    if output.ndim == 2:
+        return output, None, None
+    return (output[..., 0], jnp.tanh(output[..., 1]),
+            jnp.clip(output[..., 2], *LOG_SIGMA_RANGE))
+
+
+def mixture_nll(output, position):
+    """−ln density of the true bin position ``position`` [B] (fractional bins) under a [B, M, 3]
+    mixture output (:func:`split_output`): a proper score, so the trained mixture is both the
+    redshift distribution and its sub-bin offsets and widths."""
+    logits, offset, log_sigma = split_output(output)
+    bins = jnp.arange(logits.shape[-1])[None]
+    d = (position[:, None] - bins - offset) / jnp.exp(log_sigma)
+    comp = (jax.nn.log_softmax(logits, -1) - 0.5 * d * d - log_sigma
+            - 0.5 * math.log(2 * math.pi))
+    return -jax.nn.logsumexp(comp, axis=-1)
+
+
+def summarise_logits(output, ln1pz_grid, *, n_candidates: int = 3,
+                     min_separation_kms: float = MIN_SEPARATION_KMS,
+                     zerr_coefficients=None) -> dict[str, jax.Array]:
+    """Reads a redshift and its quality off a learned distribution (module docstring).
 
     Args:
-      logits: [B, M] float32, unnormalised log-probabilities of the M bins.
+      output: [B, M] logits over ln(1+z) bins, or [B, M, 3] the sub-bin mixture of
+        :func:`split_output`.
       ln1pz_grid: [M] ln(1+z) at the bin centres (numpy, uniform step, ascending).
       n_candidates: peaks returned as candidates for the χ² refinement (≥ 2 for DELTACHI2).
       min_separation_kms: candidates are at least this far apart (c·Δln(1+z)).
+      zerr_coefficients: [CALIBRATION_FEATURES] coefficients of the ZERR calibration
+        (:func:`calibrated_radius`, trained on held-out spectra by the redshift task); None:
+        the uncalibrated radius.
 
     Returns:
-      dict of jax arrays: "z" [B], "z_err" [B] (68.27 % centred credible half-width, in z),
-      "delta_chi2" [B] (2·ln(P₁/P₂); +inf when no second peak exists), "peak_prob" [B] (P₁),
-      "at_edge" [B] bool (peak in the first or last bin), "z_candidates" [B, K] (the highest
-      local maxima ≥ min_separation_kms apart, best first; the first is "z") and
+      dict of jax arrays: "z" [B]; "z_err" [B]; "delta_chi2" [B] (2·ln(P₁/P₂); +inf when there
+      is no second local maximum); "peak_prob" [B] (P₁); "radius_raw" [B] (the uncalibrated
+      ZERR in bins); "at_edge" [B] bool (peak in the first or last bin); "z_candidates" [B, K]
+      (the highest local maxima ≥ min_separation_kms apart, best first; the first is "z") and
       "candidate_ok" [B, K] bool (False where no further local maximum exists).
+
+    Z: with a mixture, the mean of the peak bin and its two neighbours' components, weighted
+    by their probabilities; with logits only, a parabola through ln p of the peak bin and its
+    neighbours. Raw radius (bins): with a mixture, the peak's σ (the same three components'
+    total variance) times √2·erfinv(0.6827/P₁), so that probability outside the peak counts
+    against it; when P₁ < 0.6827, and with logits only, the half width of the interval centred
+    on Z holding 68.27 % of the distribution (uniform density within each bin).
     """
+    from jax.scipy.special import erfinv
+
     grid = np.asarray(ln1pz_grid, np.float64)
     m = grid.size
     dlog = float((grid[-1] - grid[0]) / (m - 1))
     sep = max(1, int(round(min_separation_kms / C_KMS / dlog)))
     half = max(1, sep // 2)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits, offset, log_sigma = split_output(output)
+    logp = jax.nn.log_softmax(logits, axis=-1)
     bins = jnp.arange(m)
 
     # Candidates: the highest bin, then the highest LOCAL MAXIMUM ≥ sep bins from every one
@@ -112,19 +159,8 @@ def summarise_logits(logits, ln1pz_grid, *, n_candidates: int = 3,
         cands.append(j)
         masked = jnp.where((jnp.abs(bins[None] - j[:, None]) < sep) | ~peaks, -jnp.inf, masked)
     j1 = cands[0]
-
-    # Sub-bin position of the best peak: parabola through log p at j−1, j, j+1.
     jc = jnp.clip(j1, 1, m - 2)
-    lp = lambda o: jnp.take_along_axis(logp, (jc + o)[:, None], 1)[:, 0]  # noqa: E731
-    a, b, c = lp(-1), lp(0), lp(1)
-    curv = a - 2 * b + c
-    delta = jnp.where((curv < 0) & (jc == j1), 0.5 * (a - c) / jnp.where(curv < 0, curv, -1.0),
-                      0.0)
-    pos = jc + jnp.clip(delta, -1.0, 1.0)                       # fractional bin of Z
-    pos = jnp.where(jc == j1, pos, j1.astype(jnp.float32))
-    z = jnp.expm1(grid[0] + pos * dlog)
-
-    # Probability within ±half bins of a peak.
+    at = lambda a, o: jnp.take_along_axis(a, (jc + o)[:, None], 1)[:, 0]  # noqa: E731
     p = jnp.exp(logp)
     cdf = jnp.concatenate([jnp.zeros_like(p[:, :1]), jnp.cumsum(p, axis=-1)], axis=-1)
 
@@ -139,8 +175,27 @@ def summarise_logits(logits, ln1pz_grid, *, n_candidates: int = 3,
     delta_chi2 = jnp.where(has_second, 2.0 * (jnp.log(jnp.maximum(p1, 1e-37))
                                               - jnp.log(jnp.maximum(p2, 1e-37))), jnp.inf)
 
-    # Centred credible interval: the CDF with uniform density inside each bin (bin i spans
-    # [i − 0.5, i + 0.5]), evaluated at pos ± r on a geometric grid of radii, interpolated.
+    if offset is not None:
+        w = jnp.stack([at(p, -1), at(p, 0), at(p, 1)], -1)
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-30)
+        centre = jnp.stack([jc - 1 + at(offset, -1), jc + at(offset, 0),
+                            jc + 1 + at(offset, 1)], -1).astype(jnp.float32)
+        var = jnp.stack([jnp.exp(2 * at(log_sigma, o)) for o in (-1, 0, 1)], -1)
+        pos = jnp.sum(w * centre, -1)
+        sigma = jnp.sqrt(jnp.sum(w * (var + (centre - pos[:, None]) ** 2), -1))
+        peak_radius = sigma * math.sqrt(2.0) * erfinv(jnp.clip(INTERVAL / jnp.maximum(p1, 1e-6),
+                                                               0.0, 1.0 - 1e-6))
+    else:
+        a, b, c = at(logp, -1), at(logp, 0), at(logp, 1)
+        curv = a - 2 * b + c
+        delta = jnp.where((curv < 0) & (jc == j1),
+                          0.5 * (a - c) / jnp.where(curv < 0, curv, -1.0), 0.0)
+        pos = jc + jnp.clip(delta, -1.0, 1.0)
+    pos = jnp.where(jc == j1, pos, j1.astype(jnp.float32))   # a peak in an edge bin stays there
+    z = jnp.expm1(grid[0] + pos * dlog)
+
+    # Centred credible interval of the whole distribution: the CDF with uniform density inside
+    # each bin (bin i spans [i − 0.5, i + 0.5]) at pos ± r on a geometric grid of r, interpolated.
     def cdf_at(x):
         e = jnp.clip(x + 0.5, 0.0, float(m))
         i = jnp.clip(jnp.floor(e).astype(jnp.int32), 0, m - 1)
@@ -156,15 +211,52 @@ def summarise_logits(logits, ln1pz_grid, *, n_candidates: int = 3,
     r0, r1 = radii[0, k0], radii[0, k]
     frac = jnp.clip((INTERVAL - m0) / jnp.maximum(m1 - m0, 1e-12), 0.0, 1.0)
     radius = jnp.where((k > 0) & (m1 > m0), r0 + frac * (r1 - r0), r1)
+    if offset is not None:
+        radius = jnp.where(p1 >= INTERVAL, peak_radius, radius)
+    raw = radius
+    if zerr_coefficients is not None:
+        radius = calibrated_radius(zerr_coefficients, calibration_features(raw))
     z_err = (1.0 + z) * radius * dlog          # dz = (1+z) d ln(1+z)
 
     z_cands = [z] + [jnp.expm1(grid[0] + j.astype(jnp.float32) * dlog)
                      for j in cands[1:n_candidates]]
     ok = [jnp.ones_like(has_second)] + [jnp.isfinite(v) for v in cand_lp[1:n_candidates]]
     return {"z": z, "z_err": z_err, "delta_chi2": delta_chi2, "peak_prob": p1,
-            "at_edge": (j1 == 0) | (j1 == m - 1),
+            "radius_raw": raw, "at_edge": (j1 == 0) | (j1 == m - 1),
             "z_candidates": jnp.stack(z_cands[:n_candidates], axis=-1),
             "candidate_ok": jnp.stack(ok[:n_candidates], axis=-1)}
+
+
+def calibration_features(radius_raw):
+    """Features [B, CALIBRATION_FEATURES] of the ZERR calibration: 1 and ln(raw radius)."""
+    return jnp.stack([jnp.ones_like(radius_raw), jnp.log(jnp.maximum(radius_raw, 1e-6))], -1)
+
+
+def calibrated_radius(coefficients, features):
+    """ZERR in bins of ln(1+z): exp(features · CALIBRATION_SCALE·coefficients), [B]; the
+    identity (ZERR = raw radius) at coefficients (0, 1/CALIBRATION_SCALE).
+
+    The stored coefficients are scaled down by CALIBRATION_SCALE so that Adam's steps (of order
+    the learning rate in the stored units) move the log-radius ten times faster than the model's
+    weights: the calibration must settle within the few hundred steps of a CPU run."""
+    return jnp.exp(jnp.clip(features @ (CALIBRATION_SCALE * coefficients), -10.0, 10.0))
+
+
+def is_holdout(z):
+    """[B] bool: the fixed tenth of training spectra held out of the model's loss to calibrate
+    ZERR, chosen by a hash of the redshift label (the step sees no ids; a label is fixed per
+    spectrum, so the same spectra are held out in every epoch)."""
+    key = jnp.floor(jnp.abs(z) * 1e7).astype(jnp.int32)
+    return (key % HOLDOUT_MODULUS) == 3
+
+
+def pinball(y, r, quantile: float = INTERVAL):
+    """Quantile (pinball) loss of predicting ``r`` for ``y`` (> 0), on their logarithms: its
+    minimiser is the ``quantile`` quantile of y (quantiles commute with monotone maps), so a
+    ZERR trained with it on |Δ| covers that fraction; in logs one catastrophic failure weighs
+    like any other miss instead of by its size, and every S/N contributes on the same scale."""
+    d = jnp.log(y + 1e-3) - jnp.log(r)
+    return jnp.maximum(quantile * d, (quantile - 1.0) * d)
 
 
 def outside_range(z, z_range) -> Any:
@@ -265,3 +357,125 @@ def refine_columns(batch, outputs: dict, templates: template_fit.Templates, *,
                   np.asarray(batch.wavelength), np.asarray(outputs["z_candidates"]),
                   np.asarray(outputs["candidate_ok"]), z_train_range=z_train_range,
                   half_window=half_window, z_learned=np.asarray(outputs["z_pred"]))
+
+
+# ==============================================================================================
+# Command line: learned + refined redshift catalogue of shards or DESI coadds
+# ==============================================================================================
+TEMPLATE_CACHE = "refine_templates.npz"
+
+
+def refine_catalogue(config, checkpoint: str | Path, inputs, output: str | Path | None = None,
+                     *, split: str | None = None, batch_size: int = 64, n_templates: int = 2000,
+                     half_window: int = 4) -> dict[str, Any]:
+    """The refinement mode end to end: the learned model of ``checkpoint`` proposes candidates
+    for every spectrum of ``inputs`` (shard directories and/or DESI coadd files, read by
+    :func:`spectrax.predict.iter_batches`), χ² refines them with templates from the config's
+    training data (cached as ``<checkpoint>/refine_templates.npz``), and the catalogue (TARGETID,
+    Z, ZERR, ZWARN, DELTACHI2, CHI2, SPECTYPE, Z_LEARNED, and the inputs' known redshift as
+    Z_INPUT) is written to ``output`` (FITS) when given.
+
+    Returns {"columns": dict of arrays, "rows", "spectra_per_s" (learned + refine, after the
+    first batch's compilation), and, when known redshifts exist, "metrics" of Z and Z_LEARNED}.
+    """
+    from spectrax.predict import Predictor, iter_batches
+    from spectrax.prepare import ensure_data
+
+    from spectrax.data import pipeline, shards
+
+    predictor = Predictor.from_checkpoint(config, checkpoint)
+    task = predictor.task
+    data_dir = ensure_data(config.data)
+    templates = templates_for(data_dir, n_train=n_templates,
+                              cache=Path(checkpoint) / TEMPLATE_CACHE)
+    # The training data's pixel axis (the χ² refinement needs the instrument grid, no padding).
+    length = pipeline.pixel_length(shards.read_manifest(data_dir), config.data.length or None)
+    cols: dict[str, list] = {}
+    seconds, timed = 0.0, 0
+    for k, (batch, _) in enumerate(iter_batches([str(i) for i in inputs], batch_size, length,
+                                                task.label_names, split=split)):
+        t0 = time.perf_counter()
+        out = refine_columns(batch, predictor(batch), templates,
+                             z_train_range=task.z_train_range, half_window=half_window)
+        if k:  # the first batch compiles
+            seconds += time.perf_counter() - t0
+            timed += int(batch.valid.sum())
+        v = np.asarray(batch.valid)
+        out = {"TARGETID": np.asarray(batch.ids)[v], **{c: np.asarray(a)[v] for c, a in
+                                                         out.items()}}
+        j = list(task.label_names).index("z")
+        out["Z_INPUT"] = np.where(batch.label_mask[v, j], batch.labels[v, j], np.nan)
+        for c, a in out.items():
+            cols.setdefault(c, []).append(a)
+    if not cols:
+        raise ValueError(f"no spectra in {list(inputs)}")
+    cols = {c: np.concatenate(a) for c, a in cols.items()}
+    summary: dict[str, Any] = {"columns": cols, "rows": len(cols["Z"]),
+                               "spectra_per_s": timed / seconds if seconds else None}
+    known = np.isfinite(cols["Z_INPUT"]) & np.isfinite(cols["Z"])
+    if known.any():
+        from spectrax import metrics as M
+        zt = cols["Z_INPUT"][known]
+        summary["metrics"] = {
+            name: {"nmad": M.nmad(zt, cols[key][known]),
+                   "eta": M.outlier_fraction(zt, cols[key][known]),
+                   "success": M.redshift_success_rate(zt, cols[key][known],
+                                                      np.zeros(len(zt), bool)),
+                   "n": int(known.sum())}
+            for name, key in (("refined", "Z"), ("learned", "Z_LEARNED"))}
+        summary["metrics"]["refined"]["zerr_coverage"] = M.zerr_coverage(
+            zt, cols["Z"][known], np.nan_to_num(cols["ZERR"][known], nan=0.0))
+    if output is not None:
+        from astropy.table import Table
+        table = Table(cols)
+        table.meta["SPXCONF"] = config.name
+        table.meta["SPXCKPT"] = str(checkpoint)[-68:]
+        table.meta["SPXMODE"] = "learned+chi2"
+        table.write(output, overwrite=True)
+        summary["output"] = str(output)
+    return summary
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    import spectrax.train  # noqa: F401  defines --config (the config the run was trained with)
+
+    flags.DEFINE_string("checkpoint", None, "Run directory of a learned redshift model.")
+    flags.DEFINE_list("input", [], "Shard directories and/or DESI coadd FITS files "
+                      "(default: the config's data).")
+    flags.DEFINE_string("split", "test", "Only this split of shard inputs ('' = all).")
+    flags.DEFINE_string("output", None, "FITS catalogue to write.")
+    flags.DEFINE_integer("batch_size", 64, "Spectra per call.")
+    flags.DEFINE_integer("n_templates", 2000, "Training spectra for the χ² templates.")
+    flags.DEFINE_integer("half_window", 4, "Refinement window: fine steps (1e-4) each side.")
+
+
+def main(argv) -> None:
+    from absl import app, flags
+
+    from spectrax.prepare import ensure_data
+
+    FLAGS = flags.FLAGS
+    del argv
+    if FLAGS.config is None or not FLAGS.checkpoint:
+        raise app.UsageError("--config and --checkpoint are required")
+    inputs = FLAGS.input or [str(ensure_data(FLAGS.config.data))]
+    summary = refine_catalogue(FLAGS.config, FLAGS.checkpoint, inputs, FLAGS.output,
+                               split=FLAGS.split or None, batch_size=FLAGS.batch_size,
+                               n_templates=FLAGS.n_templates, half_window=FLAGS.half_window)
+    rate = summary["spectra_per_s"]
+    print(f"{summary['rows']:,} spectra" + (f", {rate:,.1f} spectra/s (learned + χ² refine)"
+                                             if rate else "")
+          + (f"; catalogue {summary['output']}" if "output" in summary else ""))
+    zwarn = summary["columns"]["ZWARN"]
+    print(f"ZWARN = 0: {np.mean(zwarn == 0):.1%}")
+    if "metrics" in summary:
+        print(json.dumps(summary["metrics"], indent=2))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -136,14 +136,20 @@ class RedshiftTask(Task):
     Which one follows from the model:
 
     * Models with ``outputs_redshift_logits`` (the ``zscan`` learned matched filter) return
-      logits over the bins of their ``ln1pz_grid``. Loss: cross-entropy against the true
-      redshift spread over the two bins around it in proportion to its distance from their
-      centres (``target="two_hot"``: the target's mean is exactly ln(1+z_true), so the trained
-      distribution stays an unbiased posterior of the bin position) or against a Gaussian of
-      ``target_sigma_bins`` bins (``target="gaussian"``). Rows whose redshift lies outside the
-      model's bins are left out of the loss and counted (``outside_grid_frac``). Predictions:
-      Z, ZERR, DELTACHI2, ZWARN and candidates for the χ² refinement, read off the distribution
-      by :func:`spectrax.redshift.summarise_logits`.
+      a distribution over the bins of their ``ln1pz_grid``: a mixture of one Gaussian per bin
+      ([B, M, 3], :func:`spectrax.redshift.split_output`), trained by the negative
+      log-likelihood of the true ln(1+z) (a proper score: probabilities, sub-bin offsets and
+      widths are all fitted), or logits only ([B, M]), trained by a cross-entropy against the
+      true redshift spread over the two bins around it in proportion to its distance from
+      their centres (``target="two_hot"``: the target's mean is exactly ln(1+z_true)) or
+      against a Gaussian of ``target_sigma_bins`` bins (``target="gaussian"``). Rows whose redshift lies outside the
+      model's bins are left out of the loss and counted (``outside_grid_frac``). A fixed tenth
+      of the training spectra (:func:`spectrax.redshift.is_holdout`) never enters the
+      cross-entropy: on them a pinball loss trains the model's ``zerr_coefficients`` (from
+      stop-gradient logits) so that ZERR is the 68.27 % quantile of |Δz| on spectra the model
+      has not fitted (``holdout_zerr_coverage`` in the training log). Predictions: Z, ZERR,
+      DELTACHI2, ZWARN and candidates for the χ² refinement, read off the distribution by
+      :func:`spectrax.redshift.summarise_logits`.
     * Other models (the SpecPT paper heads) return z [B]. Loss: the SpecPT NMAD loss,
       mean(|z_pred − z_true|) / norm over labelled valid rows, with norm = std(z_true) of the
       batch (``norm="std"``, clamped at 1e-8) or median(|z − median z|) (``norm="mad"``). They
@@ -224,19 +230,7 @@ class RedshiftTask(Task):
     def loss(self, model, batch: SpectrumBatch, *, train: bool):
         z, w = self._target(batch)
         if self._is_distribution(model):
-            logits = forward(model, batch, train=train).astype(jnp.float32)
-            grid = model.ln1pz_grid
-            t, inside = self._bin_targets(grid, z)
-            w_in = w * inside
-            n = jnp.maximum(w_in.sum(), 1.0)
-            ce = -jnp.sum(t * jax.nn.log_softmax(logits, -1), axis=-1)
-            loss = jnp.sum(jnp.where(w_in > 0, ce, 0.0)) / n
-            dlog = float((grid[-1] - grid[0]) / (grid.size - 1))
-            z_map = jnp.expm1(grid[0] + jnp.argmax(logits, -1) * dlog)
-            frac = jnp.abs(z_map - z) / (1.0 + z)
-            return loss, {"mean_abs_dz_1pz": jnp.sum(jnp.where(w_in > 0, frac, 0.0)) / n,
-                          "outside_grid_frac": jnp.sum(w * (1 - inside)) / jnp.maximum(
-                              w.sum(), 1.0)}
+            return self._distribution_loss(model, batch, z, w, train)
         z_pred = forward(model, batch, train=train).astype(jnp.float32)
         n = jnp.maximum(w.sum(), 1.0)
         mae = jnp.sum(jnp.abs(z_pred - z) * w) / n
@@ -253,6 +247,43 @@ class RedshiftTask(Task):
         batch_nmad_proxy = jnp.sum(frac * w) / n
         return loss, {"mae": mae, "mean_abs_dz_1pz": batch_nmad_proxy}
 
+    def _distribution_loss(self, model, batch, z, w, train: bool):
+        """Cross-entropy over the bins on the training rows, plus the ZERR calibration's
+        pinball loss on the held-out rows (:func:`spectrax.redshift.is_holdout`)."""
+        from spectrax import redshift
+        output = forward(model, batch, train=train).astype(jnp.float32)
+        grid = model.ln1pz_grid
+        dlog = float((grid[-1] - grid[0]) / (grid.size - 1))
+        t, inside = self._bin_targets(grid, z)
+        w_in = w * inside
+        held = redshift.is_holdout(z).astype(jnp.float32)
+        w_main = w_in * (1.0 - held)
+        if output.ndim == 3:      # sub-bin mixture: the likelihood of the true position
+            position = jnp.clip((jnp.log1p(jnp.maximum(z, -0.999)) - grid[0]) / dlog, 0.0,
+                                grid.size - 1)
+            per_row = redshift.mixture_nll(output, position)
+        else:
+            per_row = -jnp.sum(t * jax.nn.log_softmax(output, -1), axis=-1)
+        loss = jnp.sum(jnp.where(w_main > 0, per_row, 0.0)) / jnp.maximum(w_main.sum(), 1.0)
+        aux = {"outside_grid_frac": jnp.sum(w * (1 - inside)) / jnp.maximum(w.sum(), 1.0)}
+        frozen = jax.lax.stop_gradient(output)
+        s = redshift.summarise_logits(frozen, grid, n_candidates=2)
+        frac = jnp.abs(s["z"] - z) / (1.0 + z)
+        aux["mean_abs_dz_1pz"] = jnp.sum(jnp.where(w_in > 0, frac, 0.0)) / jnp.maximum(
+            w_in.sum(), 1.0)
+        coefficients = getattr(model, "zerr_coefficients", None)
+        if coefficients is not None:
+            # |Δ ln(1+z)| in bins of the held-out spectra against the calibrated radius: the
+            # pinball loss makes the radius the 68.27 % quantile of |Δ| given the raw radius.
+            y = jnp.abs(jnp.log1p(z) - jnp.log1p(s["z"])) / dlog
+            r = redshift.calibrated_radius(coefficients[...],
+                                           redshift.calibration_features(s["radius_raw"]))
+            w_cal = w * held
+            n_cal = jnp.maximum(w_cal.sum(), 1.0)
+            loss = loss + jnp.sum(w_cal * redshift.pinball(y, r)) / n_cal
+            aux["holdout_zerr_coverage"] = jnp.sum(w_cal * (y < r)) / n_cal
+        return loss, aux
+
     # -- predictions --------------------------------------------------------------------------
     def predict(self, model, batch: SpectrumBatch) -> dict[str, Any]:
         """[B] ``z_pred``, ``z_err``, ``delta_chi2``, ``zwarn`` (int32) and, for distribution
@@ -261,8 +292,10 @@ class RedshiftTask(Task):
         nodata = ~jnp.any(batch.mask & (batch.ivar > 0), axis=-1)
         if self._is_distribution(model):
             logits = forward(model, batch, train=False).astype(jnp.float32)
-            s = redshift.summarise_logits(logits, model.ln1pz_grid,
-                                          n_candidates=self.n_candidates)
+            coefficients = getattr(model, "zerr_coefficients", None)
+            s = redshift.summarise_logits(
+                logits, model.ln1pz_grid, n_candidates=self.n_candidates,
+                zerr_coefficients=None if coefficients is None else coefficients[...])
             z, z_err, dchi2 = s["z"], s["z_err"], s["delta_chi2"]
             small, at_limit = dchi2 < redshift.SMALL_DELTA_CHI2, s["at_edge"]
             extra = {"z_candidates": s["z_candidates"], "candidate_ok": s["candidate_ok"],

@@ -20,14 +20,17 @@ feature by ln(1 + z). ZScan uses that symmetry instead of asking a network to di
    shifts at once by FFT (O(P log P) per channel instead of O(P · shifts)): the same sum the
    χ² template fit evaluates (its bᵀA⁻¹b term) with learned features and templates.
 4. **Per-shift head**: a pointwise MLP over the channels turns the [filters] scores of each
-   trial shift into one logit, so lines can be combined non-linearly ("Hα and [NII] and
-   [OIII] at the same shift"). Optionally a learned log-prior over the redshifts of the
+   trial shift into its logit, so lines can be combined non-linearly ("Hα and [NII] and
+   [OIII] at the same shift"), and (``sub_bin``) into the offset of the redshift within the
+   bin and its width: the distribution is a mixture of one Gaussian per bin, resolving the
+   redshift far below the bin width (60 km/s) as the matched filter's S/N allows. Optionally a learned log-prior over the redshifts of the
    trained range (``prior``; constant beyond its ends, so bins outside the trained range are
    not pushed down by the training and an out-of-range galaxy can still win and be flagged).
 
-The output is ``logits`` [B, M] over M bins of ln(1+z): bin i is centred on
-``ln(1+z) = (s_lo + i)·dlog`` (:attr:`ZScan.ln1pz_grid`). The redshift task trains them with a
-cross-entropy and reads z, its uncertainty, a χ²-like confidence and candidate redshifts off the
+The output is [B, M, 3] (logit, offset, ln σ per bin; [B, M] logits without ``sub_bin``) over
+M bins of ln(1+z): bin i is centred on ``ln(1+z) = (s_lo + i)·dlog``
+(:attr:`ZScan.ln1pz_grid`). The redshift task trains it by the likelihood of the true redshift
+and reads z, its uncertainty, a χ²-like confidence and candidate redshifts off the
 distribution (:mod:`spectrax.redshift`).
 
 Inputs: ``flux`` [B, L] (any flux unit; not median-normalised, the model takes raw spectra),
@@ -44,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from spectrax.redshift import CALIBRATION_FEATURES, CALIBRATION_SCALE
 
 C_KMS = 299_792.458
 MIN_OVERLAP = 3e-3   # overlap fractions below this are float32 rounding of pixel edges
@@ -72,6 +77,9 @@ class ZScanConfig:
         must be ≥ ceil(dlog·λ / Δλ_native) + 1 everywhere (DESI at 2e-4: 3).
       observed_gain: learned per-observed-bin gain of the first convolution's output.
       prior: learned log-prior over the redshift bins of ``prior_z_range``.
+      sub_bin: the head also gives, per bin, the redshift's offset from the bin centre and its
+        width (a mixture of Gaussians, one per bin: sub-bin precision and a per-spectrum
+        uncertainty, trained by the mixture's likelihood); else logits only.
       template_init_std: standard deviation of the templates' random initialisation.
       dtype: compute dtype of the convolutions and the head; the rebinning, the FFT correlation
         and the logits are float32.
@@ -92,6 +100,7 @@ class ZScanConfig:
     max_overlap: int = 4
     observed_gain: bool = False
     prior: bool = False
+    sub_bin: bool = True
     template_init_std: float = 0.02
     dtype: str = "float32"
 
@@ -281,8 +290,10 @@ class ZScan(nnx.Module):
 
     Sub-modules: ``conv1`` (inputs → conv_width, conv_kernel), ``conv2`` (conv_width →
     conv_width, conv_kernel2), ``conv3`` (→ filters, pointwise), ``templates`` [filters, P]
-    (rest frame), ``channel_scale`` [filters], ``head1`` / ``head2`` (per-shift MLP) and, when
-    configured, ``observed_gain`` [N, conv_width] and ``log_prior`` [bins of prior_z_range].
+    (rest frame), ``channel_scale`` [filters], ``head1`` / ``head2`` (per-shift MLP),
+    ``zerr_coefficients`` [4] (the ZERR calibration, see :mod:`spectrax.redshift`; not used by
+    the logits) and, when configured, ``observed_gain`` [N, conv_width] and ``log_prior``
+    [bins of prior_z_range].
 
     Class attributes: ``takes_raw_spectra = True`` (the task passes raw flux and ivar, see
     :func:`spectrax.tasks.forward`); ``outputs_redshift_logits = True`` (the redshift task treats
@@ -305,7 +316,7 @@ class ZScan(nnx.Module):
             rngs.params(), (cfg.filters, cfg.template_length), jnp.float32))
         self.channel_scale = nnx.Param(jnp.ones((cfg.filters,), jnp.float32))
         self.head1 = nnx.Linear(cfg.filters, cfg.head_width, dtype=dtype, rngs=rngs)
-        self.head2 = nnx.Linear(cfg.head_width, 1, dtype=dtype, rngs=rngs)
+        self.head2 = nnx.Linear(cfg.head_width, 3 if cfg.sub_bin else 1, dtype=dtype, rngs=rngs)
         self.observed_gain = (nnx.Param(jnp.zeros((cfg.num_log_pixels, cfg.conv_width),
                                                   jnp.float32))
                               if cfg.observed_gain else None)
@@ -314,6 +325,12 @@ class ZScan(nnx.Module):
             self.log_prior = nnx.Param(jnp.zeros((last - first + 1,), jnp.float32))
         else:
             self.log_prior = None
+        # ZERR calibration (spectrax.redshift.calibrated_radius): trained by the redshift task
+        # on held-out spectra from stop-gradient outputs, so it never changes the distribution.
+        # Start: the identity (ZERR = the distribution's own radius).
+        init = np.zeros(CALIBRATION_FEATURES, np.float32)
+        init[1] = 1.0 / CALIBRATION_SCALE
+        self.zerr_coefficients = nnx.Param(jnp.asarray(init))
 
     @property
     def ln1pz_grid(self) -> np.ndarray:
@@ -345,13 +362,15 @@ class ZScan(nnx.Module):
         return corr[:, ::-1, :] * self.channel_scale[...]
 
     def __call__(self, flux, mask, wavelength, *, ivar, train: bool = False):
-        """flux, ivar [B, L], mask [B, L] bool, wavelength [B, L] Å -> logits [B, M] float32."""
+        """flux, ivar [B, L], mask [B, L] bool, wavelength [B, L] Å -> float32 [B, M, 3] (per
+        bin: logit, offset, ln σ; see :func:`spectrax.redshift.split_output`) with
+        ``sub_bin``, else logits [B, M]."""
         del train  # no dropout or batch statistics
         scores = self.scores(self.features(flux, mask, wavelength, ivar))
         h = jax.nn.gelu(self.head1(scores.astype(self.cfg.compute_dtype)))
-        logits = self.head2(h)[..., 0].astype(jnp.float32)
+        out = self.head2(h).astype(jnp.float32)                               # [B, M, 1 or 3]
         if self.log_prior is not None:
             first, last = self.cfg.prior_bins()
             idx = jnp.clip(jnp.arange(self.cfg.num_bins) - first, 0, last - first)
-            logits = logits + self.log_prior[...][idx]
-        return logits
+            out = out.at[..., 0].add(self.log_prior[...][idx])
+        return out if self.cfg.sub_bin else out[..., 0]
