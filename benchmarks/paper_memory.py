@@ -41,6 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from spectrax import runtime
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("fsdp", 8, "FSDP axis size (the mesh is data=devices/fsdp x fsdp).")
 flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the paper config's (128).")
@@ -54,9 +56,9 @@ GIB = 2**30
 
 
 def build_config(variant: str, fsdp: int, dtype: str, batch_size: int):
-    from spectrax.config_lib import specpt_autoencoder
+    from spectrax.config_lib import load
 
-    c = specpt_autoencoder("bgs", f"variant={variant}")
+    c = load("configs/specpt_bgs.py", f"variant={variant}")
     c.unlock()
     c.mesh.data, c.mesh.fsdp = jax.device_count() // fsdp, fsdp
     c.model.dtype = dtype
@@ -198,4 +200,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectrax import runtime
 from spectrax import render
 from spectrax.data import grids, synthetic
 
@@ -145,4 +146,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     raise SystemExit(main())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from spectrax import runtime
+
 flags.DEFINE_string("variant", "tiny", "ViT variant (tiny on CPU, b16 on accelerators).")
 flags.DEFINE_integer("steps", 200, "Training steps per run.")
 flags.DEFINE_integer("n_train", 1500, "Simulated training spectra.")
@@ -48,15 +50,17 @@ def main(argv):
     rows = []
     for rep in FLAGS.representations:
         t0 = time.time()
-        m = _run(config_lib.vit_config("classify", f"variant={FLAGS.variant},representation={rep}"),
+        m = _run(config_lib.load("configs/vit_classify.py",
+                                 f"variant={FLAGS.variant},representation={rep}"),
                  runs / f"vit_classify_{rep}")
         rows.append({"model": f"ViT-{FLAGS.variant} {rep}", "task": "classify",
                      "accuracy": m.get("accuracy"), "macro_f1": m.get("macro_f1"),
                      "train_spectra_per_s": m.get("train_spectra_per_s"),
                      "seconds": time.time() - t0})
-    for name, cfg in (("ViT map2d", config_lib.vit_config(
-            "redshift", f"variant={FLAGS.variant},representation=map2d")),
-                      ("1D transformer", config_lib.transformer1d_redshift("variant=small"))):
+    for name, cfg in (("ViT map2d", config_lib.load(
+            "configs/vit_redshift.py", f"variant={FLAGS.variant},representation=map2d")),
+                      ("1D transformer", config_lib.load("configs/transformer1d_redshift.py",
+                                                         "variant=small"))):
         t0 = time.time()
         m = _run(cfg, runs / cfg.name.replace(" ", "_"))
         rows.append({"model": name, "task": "redshift", "r2": m.get("z_r2"),
@@ -84,4 +88,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

@@ -67,6 +67,8 @@ import numpy as np
 
 from benchmarks import flops as F
 
+from spectrax import runtime
+
 # Calls per timed block for the breakdown and predict functions: enough to last about this many
 # seconds (at most --steps), so a slow function (SpectraFM's chunked predict) does not dominate
 # the run while fast ones are still averaged over many calls.
@@ -145,37 +147,37 @@ class BenchConfig:
     predict_tokens: Callable[[Any, Any, int], int] | None = None  # default: same as training
 
 
-def _cfg(fn, *args):
+def _cfg(path: str, arg: str):
     def make():
         from spectrax import config_lib
-        return getattr(config_lib, fn)(*args)
+        return config_lib.load(path, arg)
     return make
 
 
 _SPECPT_DEF = "conv-stem positions (paper/small architecture: transformer sees 1 token)"
 CONFIGS: dict[str, BenchConfig] = {
-    "specpt_small": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=small"),
+    "specpt_small": BenchConfig(_cfg("configs/specpt_bgs.py", "variant=small"),
                                 _specpt_tokens, _SPECPT_DEF),
-    "specpt_tokens": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=tokens"),
+    "specpt_tokens": BenchConfig(_cfg("configs/specpt_bgs.py", "variant=tokens"),
                                  _specpt_tokens, "conv-stem positions (attended tokens)"),
-    "specpt_tiny": BenchConfig(_cfg("specpt_autoencoder", "bgs", "variant=tiny"),
+    "specpt_tiny": BenchConfig(_cfg("configs/specpt_bgs.py", "variant=tiny"),
                                _specpt_tokens, "conv-stem positions (attended tokens)"),
-    "tokenizer_small": BenchConfig(_cfg("tokenizer_pretrain", "variant=small"),
+    "tokenizer_small": BenchConfig(_cfg("configs/tokenizer_pretrain.py", "variant=small"),
                                    _tokenizer_tokens, "32-pixel patches"),
-    "tokenizer_tiny": BenchConfig(_cfg("tokenizer_pretrain", "variant=tiny"),
+    "tokenizer_tiny": BenchConfig(_cfg("configs/tokenizer_pretrain.py", "variant=tiny"),
                                   _tokenizer_tokens, "32-pixel patches"),
-    "spectrafm_small": BenchConfig(_cfg("spectrafm_pretrain", "variant=small"),
+    "spectrafm_small": BenchConfig(_cfg("configs/spectrafm_pretrain.py", "variant=small"),
                                    _spectrafm_tokens, "pixel tokens in the context",
                                    _spectrafm_predict_tokens),
-    "spectrafm_tiny": BenchConfig(_cfg("spectrafm_pretrain", "variant=tiny"),
+    "spectrafm_tiny": BenchConfig(_cfg("configs/spectrafm_pretrain.py", "variant=tiny"),
                                   _spectrafm_tokens, "pixel tokens in the context",
                                   _spectrafm_predict_tokens),
-    "vit_tiny": BenchConfig(_cfg("vit_config", "classify", "variant=tiny"), _vit_tokens,
+    "vit_tiny": BenchConfig(_cfg("configs/vit_classify.py", "variant=tiny"), _vit_tokens,
                             "196 patches + CLS"),
     # The paper's backbone, 85.8 M parameters: pass a small --batch on a CPU.
-    "vit_b16": BenchConfig(_cfg("vit_config", "classify", "variant=b16"), _vit_tokens,
+    "vit_b16": BenchConfig(_cfg("configs/vit_classify.py", "variant=b16"), _vit_tokens,
                            "196 patches + CLS"),
-    "transformer1d_small": BenchConfig(_cfg("transformer1d_redshift", "variant=small"),
+    "transformer1d_small": BenchConfig(_cfg("configs/transformer1d_redshift.py", "variant=small"),
                                        _transformer1d_tokens, "8-pixel groups"),
 }
 DEFAULT_CONFIGS = ("specpt_small", "tokenizer_small", "spectrafm_small", "vit_tiny")
@@ -272,12 +274,9 @@ def _iterator(config, data_dir, threads: int):
     from spectrax.data import pipeline
 
     local = config.batch_size // jax.process_count()
-    if config.data.buckets:
-        return pipeline.bucketed_train_iterator(
-            str(data_dir), batch_size=local, seed=config.seed,
-            buckets=tuple(config.data.buckets), num_threads=threads)
     return pipeline.train_iterator(str(data_dir), batch_size=local, seed=config.seed,
-                                   length=config.data.length or None, num_threads=threads)
+                                   buckets=pipeline.batch_lengths(config.data, data_dir),
+                                   num_threads=threads)
 
 
 def fixed_batches(config, data_dir, idx, count: int = 4, draw: int = 12) -> list:
@@ -711,7 +710,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import app
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     _define_flags()
     app.run(main)

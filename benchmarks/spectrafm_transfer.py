@@ -19,6 +19,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from spectrax import runtime
+
 flags.DEFINE_string("variant", "small", "SpectraFM variant of the runs.")
 flags.DEFINE_bool("train", False, "Train the runs that do not exist yet.")
 flags.DEFINE_string("runs", "runs", "Directory holding the run directories.")
@@ -54,7 +56,8 @@ def _evaluate(config, workdir: Path, max_spectra: int = 0) -> dict:
 
     from spectrax.data import pipeline
     outs = []
-    for host in pipeline.eval_batches(str(data_dir), "test", batch_size=config.eval_batch_size):
+    for host in pipeline.eval_batches(str(data_dir), "test", batch_size=config.eval_batch_size,
+                                      buckets=pipeline.batch_lengths(config.data, data_dir)):
         host = train._select_labels(host, idx)
         pred, _ = trainer.jitted_eval_step(state, host.for_device())
         outs.append({**{k: np.asarray(v) for k, v in pred.items()}, "labels": host.labels,
@@ -73,12 +76,13 @@ def main(argv):
     arg = f"variant={v}"
     runs = Path(FLAGS.runs)
     steps = lambda n: f"{arg},steps={n}" if n else arg  # noqa: E731
-    stages = {"mlp": (config_lib.spectrafm_mlp_fe_100(""), "spectrafm_mlp_fe_100"),
-              "pretrain": (config_lib.spectrafm_pretrain(steps(FLAGS.pretrain_steps)),
+    load = lambda name, a: config_lib.load(f"configs/{name}.py", a)  # noqa: E731
+    stages = {"mlp": (load("spectrafm_mlp_fe_100", ""), "spectrafm_mlp_fe_100"),
+              "pretrain": (load("spectrafm_pretrain", steps(FLAGS.pretrain_steps)),
                            f"spectrafm_pretrain-{v}"),
-              "finetune_real": (config_lib.spectrafm_finetune_real(steps(FLAGS.finetune_steps)),
+              "finetune_real": (load("spectrafm_finetune_real", steps(FLAGS.finetune_steps)),
                                 f"spectrafm_finetune_real-{v}"),
-              "fe_100": (config_lib.spectrafm_fe_100(arg), f"spectrafm_fe_100-{v}")}
+              "fe_100": (load("spectrafm_fe_100", arg), f"spectrafm_fe_100-{v}")}
     # Each stage starts from the previous stage's run in the same --runs directory.
     for key, previous in (("finetune_real", "pretrain"), ("fe_100", "finetune_real")):
         config = stages[key][0].unlock()
@@ -95,7 +99,7 @@ def main(argv):
             train.train(config, runs / name)
             print(f"trained {name} in {time.time() - t0:.0f} s", flush=True)
 
-    fe_cfg = config_lib.spectrafm_fe_100(arg)
+    fe_cfg = config_lib.load("configs/spectrafm_fe_100.py", arg)
     rows = []
     for key, (config, name) in stages.items():
         cfg = stages["mlp"][0] if key == "mlp" else fe_cfg
@@ -111,7 +115,7 @@ def main(argv):
                "paper fine-tuned |", "|---|---|---|---|---|"]
     full = {}
     for key in ("pretrain", "finetune_real"):
-        cfg = config_lib.spectrafm_finetune_real(arg)  # real-like test split, first half
+        cfg = config_lib.load("configs/spectrafm_finetune_real.py", arg)  # real-like, first half
         full[key] = _evaluate(cfg, runs / stages[key][1], FLAGS.scatter_spectra)
     for label, (pp, pf) in PAPER_SCATTER.items():
         a = full["pretrain"].get(f"{label}_scatter_giants")
@@ -132,4 +136,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

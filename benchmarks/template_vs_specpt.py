@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from spectrax import runtime
+
 FLAGS = flags.FLAGS
+# Median-S/N bins of the ZERR coverage: finer than the evaluation's (0, 3, 5, 10, 20, 50) because
+# every simulated ELG has a median S/N below 3 (faint continua; the redshift is in the lines).
+SNR_EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, np.inf)
 flags.DEFINE_list("samples", ["bgs", "elg"], "Simulated samples (configs/specpt_redshift_<s>.py).")
 flags.DEFINE_string("variant", "zscan", "Variant of the redshift configs.")
 flags.DEFINE_list("runs", [], "Trained runs, one per sample (default runs/specpt_redshift_"
@@ -80,13 +85,24 @@ def host_batches(test: dict, batch_size: int):
     return out
 
 
-def scores(z_true, z_pred, zerr=None, zwarn=None) -> dict:
+def scores(z_true, z_pred, zerr=None, zwarn=None, snr=None) -> dict:
+    """NMAD, η, success, ZERR coverage (also per median-S/N bin when ``snr`` [N] is given:
+    "zerr_coverage_by_snr" {bin: coverage}), ZWARN = 0 fraction and η among those."""
     from spectrax import metrics as M
 
     row = {"nmad": M.nmad(z_true, z_pred), "eta": M.outlier_fraction(z_true, z_pred),
            "success": M.redshift_success_rate(z_true, z_pred, np.zeros(len(z_true), bool))}
-    if zerr is not None and np.isfinite(zerr).all():
+    if zerr is not None:
+        # A NaN ZERR (template fit: minimum not bracketed) counts as not covered.
+        row["zerr_finite_frac"] = float(np.isfinite(zerr).mean())
+        zerr = np.nan_to_num(np.asarray(zerr, np.float64), nan=0.0)
         row["zerr_coverage"] = M.zerr_coverage(z_true, z_pred, zerr)
+        if snr is not None:
+            table = M.success_by_snr(z_true, z_pred, np.zeros(len(z_true), bool), snr,
+                                     edges=SNR_EDGES, zerr=zerr)
+            row["zerr_coverage_by_snr"] = {t["snr_bin"]: t.get("zerr_coverage")
+                                           for t in table if t["n"]}
+            row["n_by_snr"] = {t["snr_bin"]: t["n"] for t in table if t["n"]}
     if zwarn is not None:
         good = zwarn == 0
         row["zwarn0_frac"] = float(good.mean())
@@ -97,13 +113,14 @@ def scores(z_true, z_pred, zerr=None, zwarn=None) -> dict:
 
 def learned_and_refined(config, run: Path, test: dict, templates, batch_size: int,
                         half_window: int):
-    """(learned result, learned seconds, refined result, refined seconds) on ``test``."""
+    """(learned result, learned seconds, refined result, refined seconds, checkpoint step) on
+    ``test``."""
     import jax
 
     from spectrax import redshift
-    from spectrax.predict import Predictor
+    from spectrax.inference import InferenceModel
 
-    predictor = Predictor.from_checkpoint(config, run)
+    predictor = InferenceModel.from_checkpoint(config, run)
     z_range = predictor.task.z_train_range
     batches = host_batches(test, batch_size)
     n = len(test["z"])
@@ -130,11 +147,12 @@ def learned_and_refined(config, run: Path, test: dict, templates, batch_size: in
 
 
 def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
+    from spectrax import metrics as M
     from spectrax.baselines import template_fit as tf
-    from spectrax.config_lib import specpt_redshift
+    from spectrax import config_lib
     from spectrax.prepare import ensure_data
 
-    config = specpt_redshift(sample, f"variant={FLAGS.variant}")
+    config = config_lib.load(f"configs/specpt_redshift_{sample}.py", f"variant={FLAGS.variant}")
     data_dir = ensure_data(config.data)
     train = tf.load_split(data_dir, "train", FLAGS.n_train)
     test = tf.load_split(data_dir, "test", FLAGS.n_test or None)
@@ -148,9 +166,10 @@ def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
     t_templates = time.perf_counter() - t0
     res, secs, compile_s = tf.timed_fit(templates, test, chunk=FLAGS.chunk)
     z_true = test["z"]
+    snr = M.median_snr(test["flux"], test["ivar"], test["mask"])
     base = {**base, "sample": sample, "data": str(data_dir), "split": "test", "n": n}
     rows = [{**base, "method": "template fit (full grid)", "n_train": len(train["z"]),
-             **scores(z_true, res["z"], res["zerr"], res["zwarn"]),
+             **scores(z_true, res["z"], res["zerr"], res["zwarn"], snr),
              "spectra_per_s": n / secs, "warmup_s": compile_s, "template_fit_s": t_templates}]
     if not (run / "metrics.json").exists():
         print(f"{sample}: no trained run at {run} (train configs/specpt_redshift_{sample}.py "
@@ -160,11 +179,11 @@ def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
         config, run, test, templates, FLAGS.batch, FLAGS.half_window)
     rows.append({**base, "method": f"learned ({config.model.name}:{config.model.variant})",
                  "run": str(run), "step": step,
-                 **scores(z_true, learned["z_pred"], learned["z_err"], learned["zwarn"]),
+                 **scores(z_true, learned["z_pred"], learned["z_err"], learned["zwarn"], snr),
                  "spectra_per_s": n / t_l})
     rows.append({**base, "method": "learned + χ² refine", "run": str(run), "step": step,
                  "half_window": FLAGS.half_window,
-                 **scores(z_true, refined["Z"], refined["ZERR"], refined["ZWARN"]),
+                 **scores(z_true, refined["Z"], refined["ZERR"], refined["ZWARN"], snr),
                  "spectra_per_s": n / t_r})
     return rows
 
@@ -193,7 +212,18 @@ def main(argv):
               f"{r['success']:.2%} | {fmt(r.get('zerr_coverage'), '.3f')} | "
               f"{fmt(r.get('zwarn0_frac'), '.1%')} | {fmt(r.get('zwarn0_eta'), '.2%')} | "
               f"{r['spectra_per_s']:.1f} |")
+    print("\nZERR coverage (fraction with |Δz| < ZERR; 0.683 when calibrated) per median-S/N "
+          "bin:\n")
+    bins = sorted({b for r in rows for b in r.get("zerr_coverage_by_snr", {})},
+                  key=lambda b: (b == "all", 0.0 if b == "all" else float(
+                      b.split("-")[0].lstrip(">="))))
+    print("| sample | method | " + " | ".join(bins) + " |\n|---|---|" + "---|" * len(bins))
+    for r in rows:
+        cov, n = r.get("zerr_coverage_by_snr", {}), r.get("n_by_snr", {})
+        print(f"| {r['sample']} | {r['method']} | " + " | ".join(
+            f"{fmt(cov.get(b), '.3f')} (n={n.get(b, 0)})" for b in bins) + " |")
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

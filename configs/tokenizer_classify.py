@@ -1,6 +1,35 @@
-"""Galaxy / QSO / star classification by an adaptation head on the frozen tokenizer."""
-from spectrax.config_lib import tokenizer_adapt
+r"""The tokenizer's adaptation head on its FROZEN pre-trained encoder: galaxy / QSO / star
+classification of simulated DESI spectra.
+
+    python -m spectrax.train --config=configs/tokenizer_classify.py[:variant=small|paper|tiny,steps=N]
+
+Starts from configs/tokenizer_pretrain.py of the same variant (``runs/tokenizer_pretrain-<v>``;
+train it first): the whole pre-trained tokenizer is copied into the ``tokenizer`` of the
+adapted model and stays frozen (its parameters bitwise unchanged); only the head trains.
+"""
+from spectrax.config_lib import base_config, parse_arg
 
 
 def get_config(arg=None):
-    return tokenizer_adapt("classify", arg)
+    a = parse_arg(arg, variant="small", steps=0)
+    c = base_config()
+    c.name = "tokenizer_classify"
+
+    # Data and task: simulated DESI galaxies, quasars and stars; classes 0/1/2.
+    c.data.simulator = "desi_classes"
+    c.task = "classification"
+    c.model.num_outputs = 3
+    c.data.n_train, c.data.n_val, c.data.n_test = 4000, 300, 1000
+
+    c.model.name = "tokenizer_adapted"
+    c.model.variant = a.variant
+    # The stage it starts from: the pre-trained tokenizer, whole ("" = every parameter) ...
+    c.init.from_workdir = f"runs/tokenizer_pretrain-{a.variant}"
+    c.init.prefix = ""
+    c.init.target = "tokenizer"  # ... as the frozen `tokenizer` of the adapted model
+
+    c.optim.lr, c.optim.schedule, c.optim.warmup_steps = 1e-3, "cosine", 50
+    c.optim.weight_decay = 0.01
+    c.batch_size, c.num_steps = 32, (a.steps or 600)
+    c.eval_batch_size = 64
+    return c.lock()

@@ -20,17 +20,15 @@ import jax
 import numpy as np
 from absl import app, flags
 
-import spectrax.train  # noqa: F401  defines --config (the flag of the config a run used)
+from spectrax import plots, runtime, sharding, train  # train defines --config (a run's config)
+from spectrax.data import pipeline, shards
 from spectrax.models import spectrafm as fm
+from spectrax.prepare import ensure_data, parse_selection
 
 
 def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
             max_stars: int = 200, batch_size: int = 32) -> dict:
     """Returns {"wavelength" [L], "mean_flux" [L], "attention" [K, L], "labels", "n_stars"}."""
-    from spectrax import sharding, train
-    from spectrax.data import pipeline, shards
-    from spectrax.prepare import ensure_data, parse_selection
-
     if config.task != "spectrafm":
         raise ValueError(f"attention maps are SpectraFM's; config {config.name!r} has task "
                          f"{config.task!r}")
@@ -48,13 +46,14 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
     @jax.jit
     def attend(state, batch):
         model = trainer.model(state)
-        _, _, att, oks, _ = task.predict_standardised(model, batch, return_attention=True)
+        _, _, att, oks = task.predict_standardised(model, batch, return_attention=True)
         return att, oks
 
     sums = counts = None
     flux_sum = flux_n = None
     wavelength, n_stars = None, 0
-    for host in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size):
+    for host in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size,
+                                      buckets=pipeline.batch_lengths(config.data, data_dir)):
         keep = host.valid.copy()
         if sel:
             j = manifest.label_names.index(sel[0])
@@ -67,12 +66,9 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
             continue
         batch = train._select_labels(host, idx).replace(valid=keep)
         att, oks = jax.device_get(attend(state, batch.for_device()))   # [C,K,B,ctx], [C,B,ctx]
-        context = task.context_of(trainer.model(state))
-        _, _, _, order, n_chunks = task._chunks(np.zeros((1, host.num_pixels)),
-                                                 np.zeros((1, host.num_pixels), bool),
-                                                 np.zeros((1, host.num_pixels)), context)
-        positions = np.pad(order, (0, n_chunks * context - order.size),
-                           constant_values=0).reshape(n_chunks, context)
+        layout = task.chunk_layout(trainer.model(state), host.num_pixels)
+        context, n_chunks = layout.context, layout.n_chunks
+        positions = np.maximum(layout.positions(), 0)  # padding slots are masked anyway
         length = host.num_pixels
         if sums is None:
             sums = np.zeros((att.shape[1], length))
@@ -103,7 +99,6 @@ def compute(config, checkpoint: str, *, split: str = "test", select: str = "",
 
 def figure(result: dict, path: Path, title: str = "") -> Path:
     """Mean spectrum on top, one attention panel per label below, sharing the wavelength axis."""
-    from spectrax import plots
     plt = plots.plt
     k = len(result["labels"])
     fig, axes = plt.subplots(k + 1, 1, figsize=(12, 1.6 * (k + 1)), sharex=True)
@@ -148,4 +143,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

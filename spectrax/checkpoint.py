@@ -15,12 +15,10 @@ step directory that lacks one of the three items.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 # The items of one checkpoint step (sub-directories of ``<step>/``).
@@ -98,6 +96,25 @@ class Checkpointer:
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         return restored.state, restored.data, restored.meta
 
+    def restore_subset(self, target: Any, step: int | None = None):
+        """Restores only the top-level entries of the state named in ``target`` (e.g. params and
+        model state, not the optimiser moments, for inference) onto its shardings.
+
+        Returns (subset, meta). Raises CheckpointMismatchError listing the arrays of ``target``
+        whose name or shape differs (entries the checkpoint has beyond ``target`` are fine)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        self._check_compatible(step, target, partial=True)
+        # The manager's handler for 'state' restores whole trees only; a PyTree handler on the
+        # same directory restores a subset.
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            subset = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=target, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return subset, meta.meta
+
     def restore_raw(self, step: int | None = None):
         """The saved state as it is on disk (host arrays), without a target structure."""
         step = self.latest_step() if step is None else step
@@ -124,13 +141,15 @@ class Checkpointer:
         return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             saved)
 
-    def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    def _check_compatible(self, step: int, abstract_state: Any, partial: bool = False) -> None:
         try:
             saved = self.manager.item_metadata(step)["state"]
         except Exception:  # metadata unavailable: let Orbax report what it finds
             return
         if saved is None:
             return
+        if partial:
+            saved = {k: v for k, v in saved.items() if k in abstract_state}
         want, have = flat_shapes(abstract_state), flat_shapes(saved)
         # Parameters first: optimiser moments repeat every parameter difference.
         order = lambda k: (not k.startswith("params/"), k)
@@ -162,8 +181,4 @@ def subtree(tree: dict, prefix: str) -> dict:
     return node
 
 
-def to_numpy_tree(tree):
-    return jax.tree.map(np.asarray, tree)
 
-
-logging.getLogger("absl").setLevel(logging.WARNING)

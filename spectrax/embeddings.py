@@ -86,7 +86,19 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import h5py
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
+
+import spectrax
+from spectrax import plots, sharding
+from spectrax.data import inputs, pipeline, shards
+from spectrax.data.readers import READERS
+from spectrax.inference import InferenceModel
+from spectrax.models.tokenizer import AdaptedTokenizer, SpectralTokenizer
+from spectrax.spectra import CLASS_NAMES, SURVEY_NAMES, SpectrumError
 
 FORMAT = "spectrax-embeddings"
 FORMAT_VERSION = 1
@@ -118,8 +130,6 @@ def check_config(config) -> None:
 def encoder_of(model):
     """The :class:`~spectrax.models.tokenizer.SpectralTokenizer` whose ``encode`` gives the
     embeddings: the model itself, or the frozen ``.tokenizer`` of an AdaptedTokenizer."""
-    from spectrax.models.tokenizer import AdaptedTokenizer, SpectralTokenizer
-
     if isinstance(model, SpectralTokenizer):
         return model
     if isinstance(model, AdaptedTokenizer):
@@ -138,8 +148,6 @@ def mean_pool(tokens, token_mask):
       pooled [B, D] float32 (zeros where a row has no valid token: the caller flags those),
       count [B] int32 (valid tokens per row).
     """
-    import jax.numpy as jnp
-
     w = jnp.asarray(token_mask, jnp.float32)
     total = jnp.einsum("bnd,bn->bd", jnp.asarray(tokens, jnp.float32), w)
     count = w.sum(-1)
@@ -154,8 +162,6 @@ def encode_batch(encoder, batch) -> dict[str, Any]:
       tokens [B, N, D] float32, token_mask [B, N] bool, pooled [B, D] float32,
       n_valid_tokens [B] int32; N = ceil(L / P) for the batch's (padded) length L.
     """
-    import jax.numpy as jnp
-
     tokens, token_mask = encoder.encode(batch.flux, batch.mask, batch.wavelength,
                                         ivar=batch.ivar, train=False)
     pooled, count = mean_pool(tokens, token_mask)
@@ -163,17 +169,10 @@ def encode_batch(encoder, batch) -> dict[str, Any]:
             "n_valid_tokens": count}
 
 
-def length_policy(config):
+def length_policy(config) -> inputs.LengthPolicy:
     """How records are padded for the encoder (module docstring): buckets, else up to
     ``config.data.length``, else each at its own length."""
-    from spectrax.predict import LengthPolicy
-
-    buckets = tuple(config.data.buckets)
-    if buckets:
-        return LengthPolicy(buckets=buckets)
-    if config.data.length:
-        return LengthPolicy(length=int(config.data.length), exact=False)
-    return LengthPolicy(length=None)
+    return inputs.LengthPolicy.for_model(config.data, exact=False)
 
 
 # ==============================================================================================
@@ -184,8 +183,6 @@ class _Writer:
 
     def __init__(self, path: Path, d_model: int, label_names: Sequence[str], tokens: bool,
                  token_dtype: str):
-        import h5py
-
         self.f = h5py.File(path, "w")
         self.n = 0
         self.t = 0
@@ -255,54 +252,29 @@ class _Writer:
 
 
 def _categories(name: str) -> tuple[str, ...]:
-    from spectrax.spectra import CLASS_NAMES, SURVEY_NAMES
     return {"class": CLASS_NAMES, "survey": SURVEY_NAMES}[name]
-
-
-def _input_label_names(item: str) -> tuple[str, ...]:
-    """The label columns an input provides (shard manifest, or the DESI reader's); () when it
-    cannot be read here (the export then reports the input by name)."""
-    from spectrax.data import shards
-    from spectrax.predict import DESI_LABEL_NAMES
-
-    p = Path(item)
-    try:
-        if p.is_dir():
-            return tuple(shards.read_manifest(p).label_names)
-    except Exception:  # a broken manifest is reported when the input is read
-        return ()
-    if p.suffix.lower() in (".fits", ".fit", ".fz"):
-        return DESI_LABEL_NAMES
-    return ()
-
-
-def _input_count(item: str, split: str | None) -> int | None:
-    """Spectra in a shard directory (for the progress bar); None for files / unreadable."""
-    from spectrax.data import shards
-    try:
-        m = shards.read_manifest(item)
-        return sum(m.count(s) for s in ([split] if split else m.splits))
-    except Exception:
-        return None
 
 
 # ==============================================================================================
 # Export
 # ==============================================================================================
-def export_embeddings(config, checkpoint: str | Path, inputs: Sequence[str], output: str | Path,
-                      *, batch_size: int = 64, split: str | None = None, tokens: bool = True,
-                      token_dtype: str = "float32") -> dict[str, Any]:
-    """Writes the tokenizer embeddings of every spectrum of ``inputs`` to ``output`` (HDF5,
+def export_embeddings(config, checkpoint: str | Path, input_paths: Sequence[str],
+                      output: str | Path, *, batch_size: int = 64, split: str | None = None,
+                      survey: str = "auto", tokens: bool = True, token_dtype: str = "float32"
+                      ) -> dict[str, Any]:
+    """Writes the tokenizer embeddings of every spectrum of ``input_paths`` to ``output`` (HDF5,
     layout in the module docstring).
 
     Args:
       config: the config the checkpoint was trained with (model ``tokenizer`` or
         ``tokenizer_adapted``; others raise EmbeddingsError before anything is read).
       checkpoint: run directory (or its checkpoints/ folder).
-      inputs: shard directories and/or DESI coadd FITS files.
+      input_paths: what :func:`spectrax.data.inputs.discover` takes: files of any survey,
+        directories, shard directories.
       output: the HDF5 file to write (replaced atomically when complete).
-      batch_size: spectra per jitted call (rounded to a multiple of the device count).
+      batch_size: spectra per jitted call (rounded up to a multiple of the local devices).
       split: only this split of shard inputs (default: all).
+      survey: survey of raw files, or "auto" (from their names).
       tokens: store the token sequences too (False: pooled vectors only).
       token_dtype: "float32" or "float16", storage type of the tokens (pooled stays float32,
         computed from the float32 tokens).
@@ -315,66 +287,46 @@ def export_embeddings(config, checkpoint: str | Path, inputs: Sequence[str], out
       EmbeddingsError: not a tokenizer model, or a bad ``token_dtype``.
       SpectrumError: no usable spectrum in any input.
     """
-    import jax
-    from tqdm import tqdm
-
-    import spectrax
-    from spectrax import predict
-    from spectrax.data.pipeline import to_global
-    from spectrax.spectra import SpectrumError
-
     check_config(config)
     if token_dtype not in ("float32", "float16"):
         raise EmbeddingsError(f"token_dtype must be 'float32' or 'float16', got {token_dtype!r}")
-    predictor = predict.Predictor.from_checkpoint(config, checkpoint)
-    trainer = predictor.trainer
-    encoder = encoder_of(trainer.model(predictor.state))
-    cfg = encoder.cfg
+    model = InferenceModel.from_checkpoint(config, checkpoint)
+    cfg = encoder_of(model.model()).cfg
     p, d = cfg.patch_size, cfg.d_model
-    encode = jax.jit(lambda st, b: encode_batch(encoder_of(trainer.model(st)), b))
-    if batch_size % jax.device_count():
-        batch_size = jax.device_count() * max(1, batch_size // jax.device_count())
+    encode = model.jit(lambda m, b: encode_batch(encoder_of(m), b))
+    batch_size = sharding.round_up_batch(batch_size, model.local_devices)
     policy = length_policy(config)
-
+    found = inputs.discover(input_paths, survey=survey, split=split)
     label_names: list[str] = []
-    for item in inputs:
-        label_names += [n for n in _input_label_names(item) if n not in label_names]
+    for u in found.units:  # every label column of the inputs, without reading spectra
+        names = (shards.read_manifest(u.directory).label_names
+                 if isinstance(u, inputs.ShardUnit) else READERS[u.survey].LABEL_NAMES)
+        label_names += [n for n in names if n not in label_names]
     counts: dict[str, int] = {}
-    refusals = predict.Refusals(strict=False)
-
-    def records_of(item):
-        try:
-            yield from predict._fitting_records(item, split, policy, counts, refusals)
-        except (SpectrumError, OSError) as e:  # the whole input is unusable
-            refusals.add(f"{e}; input skipped")
-            predict._bump(counts, f"{Path(item).name}:refused_files")
+    refused = [f"{f}: {r}" for f, r in found.skipped]
+    rows = inputs.model_records(found.units, policy, counts, refused.append)
 
     def numbered():
-        order = 0
-        for item in inputs:
-            for rec in records_of(item):
-                rec["_order"] = order
-                order += 1
-                yield rec
+        for order, row in enumerate(rows):
+            row.meta["_order"] = order
+            yield row
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     writer = _Writer(tmp, d, label_names, tokens, token_dtype)
-    counts_known = [_input_count(i, split) for i in inputs]
-    total = sum(counts_known) if all(c is not None for c in counts_known) else None
     try:
-        with tqdm(total=total, desc="embeddings", unit="spectrum", dynamic_ncols=True,
+        with tqdm(total=sum(u.size_hint() for u in found.units), desc="embeddings",
+                  unit="spectrum", dynamic_ncols=True,
                   disable=jax.process_index() != 0) as bar:
-            for n_pix, group in predict._grouped(numbered(), batch_size, policy):
-                batch = predict._stack(group, batch_size, n_pix, label_names)
-                out = encode(predictor.state, to_global(batch, trainer.batch_sharding))
+            for batch, group in pipeline.batches_by_length(numbered(), batch_size, label_names):
+                out = encode(model.state, model.device_batch(batch))
                 out = {k: np.asarray(v) for k, v in out.items()}
                 _write_batch(writer, group, batch, out, p, tokens)
                 bar.update(len(group))
         if writer.n == 0:
-            raise SpectrumError(f"no spectra found in --input {list(inputs)}" + (
-                ": " + "; ".join(refusals.messages[:5]) if refusals.messages else ""))
+            raise SpectrumError(f"no spectra found in --input {list(map(str, input_paths))}"
+                                + (": " + "; ".join(refused[:5]) if refused else ""))
         attrs = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "config": config.name,
             "config_json": config.to_json_best_effort(),
@@ -384,11 +336,11 @@ def export_embeddings(config, checkpoint: str | Path, inputs: Sequence[str], out
                         else f"{config.model.name}.tokenizer"),
             "tokenizer_config": json.dumps(dataclasses.asdict(cfg)),
             "d_model": d, "patch_size": p, "checkpoint": str(Path(checkpoint).absolute()),
-            "step": int(predictor.step), "buckets": json.dumps(list(policy.buckets)),
+            "step": int(model.step), "buckets": json.dumps(list(policy.buckets)),
             "length_policy": json.dumps(dataclasses.asdict(policy)), "pooling": POOLING,
             "token_dtype": token_dtype, "tokens_stored": bool(tokens),
             "label_names": json.dumps(label_names),
-            "inputs": json.dumps([str(i) for i in inputs]), "split": split or "",
+            "inputs": json.dumps([str(i) for i in input_paths]), "split": split or "",
             "n_spectra": writer.n, "n_tokens_total": writer.t,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "spectrax_version": spectrax.__version__}
@@ -401,18 +353,15 @@ def export_embeddings(config, checkpoint: str | Path, inputs: Sequence[str], out
             pass
         tmp.unlink(missing_ok=True)
         raise
-    for message in refusals.messages:
-        print(f"spectrax.embeddings: refused: {message}", file=sys.stderr, flush=True)
     return {"rows": writer.n, "tokens": writer.t, "d_model": d, "output": str(output),
-            "step": int(predictor.step), "reader_counts": counts,
-            "refused": list(refusals.messages)}
+            "step": int(model.step), "reader_counts": counts, "refused": refused}
 
 
-def _write_batch(writer: _Writer, group: list[dict], batch, out: dict, p: int,
+def _write_batch(writer: _Writer, group: list[inputs.ModelRecord], batch, out: dict, p: int,
                  tokens: bool) -> None:
     """Host side of one batch: cut each row's tokens to its native N_i = ceil(L_i / P)."""
     b = len(group)  # rows past b are padding rows of the last batch
-    lengths = np.array([len(r["flux"]) for r in group], np.int32)
+    lengths = np.array([len(r.record["flux"]) for r in group], np.int32)
     n_tok = -(-lengths // p)
     mask = out["token_mask"][:b]
     # Tokens past N_i cover bucket padding only (λ = −1, masked), so none can be valid.
@@ -420,12 +369,12 @@ def _write_batch(writer: _Writer, group: list[dict], batch, out: dict, p: int,
     assert not np.any(mask & past), "a token of bucket padding is marked valid"
     count = out["n_valid_tokens"][:b]
     pooled = np.where((count > 0)[:, None], out["pooled"][:b], np.nan).astype(np.float32)
-    metas = [r.get("meta", {}) for r in group]
+    metas = [r.meta for r in group]
     rows = {"ids": batch.ids[:b], "pooled": pooled, "n_pixels": lengths, "n_tokens": n_tok,
             "n_valid_tokens": count.astype(np.int32),
             "split": [str(m.get("SPLIT", "")) for m in metas],
             "source": [str(m.get("SOURCE", "")) for m in metas],
-            "order": np.array([r["_order"] for r in group], np.int64)}
+            "order": np.array([m["_order"] for m in metas], np.int64)}
     labels = np.where(batch.label_mask[:b], batch.labels[:b], np.nan).astype(np.float32)
     seqs = [out["tokens"][i, :n_tok[i]] for i in range(b)] if tokens else None
     seq_masks = [mask[i, :n_tok[i]] for i in range(b)] if tokens else None
@@ -436,8 +385,6 @@ def _write_batch(writer: _Writer, group: list[dict], batch, out: dict, p: int,
 # Reading
 # ==============================================================================================
 def _open(path):
-    import h5py
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--embeddings {path}: no such file")
@@ -532,9 +479,6 @@ def plot(embeddings: str | Path, colour: str, out: str | Path, *, method: str = 
     Returns:
       {"path", "method", "plotted", "dropped_no_label", "dropped_no_vector"}.
     """
-    import h5py
-
-    from spectrax import plots
 
     with _open(embeddings) as f:
         pooled = f["pooled"][...]

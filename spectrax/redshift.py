@@ -35,16 +35,16 @@ Columns (Redrock's names, so code written for Redrock catalogues runs unchanged)
   the class the fit assumes, as Redrock writes the spectype of its winning template.
 
 The refinement mode is :func:`refine` (arrays) / :func:`refine_columns` (a SpectrumBatch and
-the task's predictions) with templates from :func:`templates_for`; from the command line::
+the task's predictions) with templates from :func:`templates_for`; from the command line it is
+``python -m spectrax.predict --refine`` (Z, ZERR, ZWARN, DELTACHI2 refined, CHI2 added, the
+learned values kept as Z_LEARNED, ZERR_LEARNED, ZWARN_LEARNED, DELTACHI2_LEARNED)::
 
-    python -m spectrax.redshift --config=configs/specpt_redshift_bgs.py \
-        --checkpoint=runs/specpt_redshift_bgs-zscan [--split=test] [--output=cat.fits]
+    python -m spectrax.predict --config=configs/specpt_redshift_bgs.py \
+        --checkpoint=runs/specpt_redshift_bgs-zscan --input=<coadds or shards> --refine
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +284,9 @@ def zwarn_bits(*, nodata=None, small_delta_chi2=None, at_limit=None, outside=Non
 # ==============================================================================================
 # Refinement mode: learned candidates -> χ² over narrow windows
 # ==============================================================================================
+TEMPLATE_CACHE = "refine_templates.npz"   # templates_for's cache inside a run directory
+
+
 def templates_for(data_dir: str | Path, *, n_train: int = 2000, n_components: int = 6,
                   cache: str | Path | None = None) -> template_fit.Templates:
     """The χ² template basis of the refinement: EM-PCA templates of the first ``n_train``
@@ -352,130 +355,16 @@ def refine_columns(batch, outputs: dict, templates: template_fit.Templates, *,
     if "z_candidates" not in outputs:
         raise ValueError("refine_columns needs a model that outputs a redshift distribution "
                          "(z_candidates in its predictions), e.g. the zscan model")
+    valid = np.asarray(batch.valid, bool)
+    wavelength = np.asarray(batch.wavelength)
+    if wavelength.ndim == 2:  # padding rows may carry no grid: the valid rows' shared grid
+        rows = wavelength[valid] if valid.any() else wavelength[:1]
+        if not np.allclose(rows, rows[:1]):
+            raise ValueError("refine_columns: the χ² refinement needs one wavelength grid "
+                             "shared by the batch's spectra; group spectra by grid first")
+        wavelength = rows[0]
     return refine(templates, np.asarray(batch.flux), np.asarray(batch.ivar),
-                  np.asarray(batch.mask) & np.asarray(batch.valid)[:, None],
-                  np.asarray(batch.wavelength), np.asarray(outputs["z_candidates"]),
-                  np.asarray(outputs["candidate_ok"]), z_train_range=z_train_range,
-                  half_window=half_window, z_learned=np.asarray(outputs["z_pred"]))
-
-
-# ==============================================================================================
-# Command line: learned + refined redshift catalogue of shards or DESI coadds
-# ==============================================================================================
-TEMPLATE_CACHE = "refine_templates.npz"
-
-
-def refine_catalogue(config, checkpoint: str | Path, inputs, output: str | Path | None = None,
-                     *, split: str | None = None, batch_size: int = 64, n_templates: int = 2000,
-                     half_window: int = 4) -> dict[str, Any]:
-    """The refinement mode end to end: the learned model of ``checkpoint`` proposes candidates
-    for every spectrum of ``inputs`` (shard directories and/or DESI coadd files, read by
-    :func:`spectrax.predict.iter_batches`), χ² refines them with templates from the config's
-    training data (cached as ``<checkpoint>/refine_templates.npz``), and the catalogue (TARGETID,
-    Z, ZERR, ZWARN, DELTACHI2, CHI2, SPECTYPE, Z_LEARNED, and the inputs' known redshift as
-    Z_INPUT) is written to ``output`` (FITS) when given.
-
-    Returns {"columns": dict of arrays, "rows", "spectra_per_s" (learned + refine, after the
-    first batch's compilation), and, when known redshifts exist, "metrics" of Z and Z_LEARNED}.
-    """
-    from spectrax.predict import Predictor, iter_batches
-    from spectrax.prepare import ensure_data
-
-    from spectrax.data import pipeline, shards
-
-    predictor = Predictor.from_checkpoint(config, checkpoint)
-    task = predictor.task
-    data_dir = ensure_data(config.data)
-    templates = templates_for(data_dir, n_train=n_templates,
-                              cache=Path(checkpoint) / TEMPLATE_CACHE)
-    # The training data's pixel axis (the χ² refinement needs the instrument grid, no padding).
-    length = pipeline.pixel_length(shards.read_manifest(data_dir), config.data.length or None)
-    cols: dict[str, list] = {}
-    seconds, timed = 0.0, 0
-    for k, (batch, _) in enumerate(iter_batches([str(i) for i in inputs], batch_size, length,
-                                                task.label_names, split=split)):
-        t0 = time.perf_counter()
-        out = refine_columns(batch, predictor(batch), templates,
-                             z_train_range=task.z_train_range, half_window=half_window)
-        if k:  # the first batch compiles
-            seconds += time.perf_counter() - t0
-            timed += int(batch.valid.sum())
-        v = np.asarray(batch.valid)
-        out = {"TARGETID": np.asarray(batch.ids)[v], **{c: np.asarray(a)[v] for c, a in
-                                                         out.items()}}
-        j = list(task.label_names).index("z")
-        out["Z_INPUT"] = np.where(batch.label_mask[v, j], batch.labels[v, j], np.nan)
-        for c, a in out.items():
-            cols.setdefault(c, []).append(a)
-    if not cols:
-        raise ValueError(f"no spectra in {list(inputs)}")
-    cols = {c: np.concatenate(a) for c, a in cols.items()}
-    summary: dict[str, Any] = {"columns": cols, "rows": len(cols["Z"]),
-                               "spectra_per_s": timed / seconds if seconds else None}
-    known = np.isfinite(cols["Z_INPUT"]) & np.isfinite(cols["Z"])
-    if known.any():
-        from spectrax import metrics as M
-        zt = cols["Z_INPUT"][known]
-        summary["metrics"] = {
-            name: {"nmad": M.nmad(zt, cols[key][known]),
-                   "eta": M.outlier_fraction(zt, cols[key][known]),
-                   "success": M.redshift_success_rate(zt, cols[key][known],
-                                                      np.zeros(len(zt), bool)),
-                   "n": int(known.sum())}
-            for name, key in (("refined", "Z"), ("learned", "Z_LEARNED"))}
-        summary["metrics"]["refined"]["zerr_coverage"] = M.zerr_coverage(
-            zt, cols["Z"][known], np.nan_to_num(cols["ZERR"][known], nan=0.0))
-    if output is not None:
-        from astropy.table import Table
-        table = Table(cols)
-        table.meta["SPXCONF"] = config.name
-        table.meta["SPXCKPT"] = str(checkpoint)[-68:]
-        table.meta["SPXMODE"] = "learned+chi2"
-        table.write(output, overwrite=True)
-        summary["output"] = str(output)
-    return summary
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    import spectrax.train  # noqa: F401  defines --config (the config the run was trained with)
-
-    flags.DEFINE_string("checkpoint", None, "Run directory of a learned redshift model.")
-    flags.DEFINE_list("input", [], "Shard directories and/or DESI coadd FITS files "
-                      "(default: the config's data).")
-    flags.DEFINE_string("split", "test", "Only this split of shard inputs ('' = all).")
-    flags.DEFINE_string("output", None, "FITS catalogue to write.")
-    flags.DEFINE_integer("batch_size", 64, "Spectra per call.")
-    flags.DEFINE_integer("n_templates", 2000, "Training spectra for the χ² templates.")
-    flags.DEFINE_integer("half_window", 4, "Refinement window: fine steps (1e-4) each side.")
-
-
-def main(argv) -> None:
-    from absl import app, flags
-
-    from spectrax.prepare import ensure_data
-
-    FLAGS = flags.FLAGS
-    del argv
-    if FLAGS.config is None or not FLAGS.checkpoint:
-        raise app.UsageError("--config and --checkpoint are required")
-    inputs = FLAGS.input or [str(ensure_data(FLAGS.config.data))]
-    summary = refine_catalogue(FLAGS.config, FLAGS.checkpoint, inputs, FLAGS.output,
-                               split=FLAGS.split or None, batch_size=FLAGS.batch_size,
-                               n_templates=FLAGS.n_templates, half_window=FLAGS.half_window)
-    rate = summary["spectra_per_s"]
-    print(f"{summary['rows']:,} spectra" + (f", {rate:,.1f} spectra/s (learned + χ² refine)"
-                                             if rate else "")
-          + (f"; catalogue {summary['output']}" if "output" in summary else ""))
-    zwarn = summary["columns"]["ZWARN"]
-    print(f"ZWARN = 0: {np.mean(zwarn == 0):.1%}")
-    if "metrics" in summary:
-        print(json.dumps(summary["metrics"], indent=2))
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+                  np.asarray(batch.mask) & valid[:, None], wavelength,
+                  np.asarray(outputs["z_candidates"]), np.asarray(outputs["candidate_ok"]),
+                  z_train_range=z_train_range, half_window=half_window,
+                  z_learned=np.asarray(outputs["z_pred"]))

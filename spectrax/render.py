@@ -126,6 +126,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectrax import runtime
+
 # SLOMOST wavelength cut of the reference (SPECS.md section 2), Å: a fixed x range for line plots.
 PAPER_WAVE_RANGE = (3536.714, 10413.580)
 # Fixed colour limits of the reference's map2d (its flux units: SDSS/LAMOST 1e-17 erg/s/cm²/Å).
@@ -1138,4 +1140,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     raise SystemExit(main())

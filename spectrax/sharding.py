@@ -78,8 +78,10 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+def round_up_batch(batch_size: int, devices: int) -> int:
+    """``batch_size`` rounded up to a multiple of ``devices`` (at least one row per device), so
+    a batch splits evenly over them; the extra rows of a last batch are padding rows."""
+    return devices * max(1, -(-int(batch_size) // devices))
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:

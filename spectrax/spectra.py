@@ -97,8 +97,8 @@ def sanitize_record(record: Mapping[str, Any], where: str = "record") -> tuple[d
     for key in ("flux", "ivar"):
         if key not in record:
             raise SpectrumError(f"{where}: missing array '{key}' (have {sorted(record)})")
-    flux = np.asarray(record["flux"], dtype=np.float64)
-    ivar = np.asarray(record["ivar"], dtype=np.float64)
+    flux = np.asarray(record["flux"])
+    ivar = np.asarray(record["ivar"])
     n = flux.shape[0] if flux.ndim == 1 else -1
     if flux.ndim != 1 or n == 0:
         raise SpectrumError(f"{where}: flux must be a non-empty 1-D array, got shape {flux.shape}")
@@ -112,18 +112,9 @@ def sanitize_record(record: Mapping[str, Any], where: str = "record") -> tuple[d
                 f"{where}: '{key}' has shape {arr.shape} but flux has {(n,)}; arrays of one "
                 "spectrum must have equal lengths")
 
-    # float32 is what shards and models hold: finite float64 values beyond its range would
-    # become inf there, so they count as non-finite here.
-    f32_max = float(np.finfo(np.float32).max)
-    flux_ok = np.isfinite(flux) & (np.abs(flux) <= f32_max)
-    ivar_ok = np.isfinite(ivar) & (np.abs(ivar) <= f32_max)
-    counts = {
-        "nonfinite_flux": int(np.sum(~flux_ok & mask)),
-        "nonfinite_ivar": int(np.sum(~ivar_ok & mask)),
-        "nonpositive_ivar": int(np.sum(ivar_ok & (ivar <= 0) & mask)),
-        "flagged": int(np.sum(~mask)),
-    }
-    good = mask & flux_ok & ivar_ok & (ivar > 0)
+    flux32, ivar32, good, rows = sanitize_rows(flux[None], ivar[None], mask[None])
+    counts = {k: int(v[0]) for k, v in rows.items() if k != "valid_pixels"}
+    good = good[0]
     clean = dict(record)
     if "wavelength" in arrays:
         wave = arrays["wavelength"]
@@ -140,13 +131,58 @@ def sanitize_record(record: Mapping[str, Any], where: str = "record") -> tuple[d
                 f"{where}: 'wavelength' is not strictly increasing (pixel {i}: {wave[i]:g} Å "
                 f"after {wave[known[known < i][-1]]:g} Å); sort the spectrum first")
         clean["wavelength"] = np.where(wave_ok, wave, PAD_WAVELENGTH).astype(np.float32)
-    clean["flux"] = np.where(good, flux, 0.0).astype(np.float32)
-    clean["ivar"] = np.where(good, ivar, 0.0).astype(np.float32)
+    clean["flux"] = np.where(good, flux32[0], np.float32(0))
+    clean["ivar"] = np.where(good, ivar32[0], np.float32(0))
     clean["mask"] = good
     if "labels" in record:
         clean["labels"] = np.atleast_1d(np.asarray(record["labels"], dtype=np.float32))
     counts["valid_pixels"] = int(clean["mask"].sum())
     return clean, counts
+
+
+def sanitize_rows(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """The pixel rules of :func:`sanitize_record` for N spectra at once.
+
+    Args:
+      flux, ivar: [N, L] any float dtype; mask: [N, L] bool, True = valid.
+
+    Returns:
+      (flux [N, L] float32, ivar [N, L] float32, good [N, L] bool, counts): ``good`` is False
+      wherever flux or ivar is non-finite (or beyond float32's range), ivar <= 0 or the mask is
+      False; flux and ivar are 0 there. ``counts`` maps each rule to [N] int pixel counts:
+      nonfinite_flux, nonfinite_ivar, nonpositive_ivar (among pixels the mask allowed),
+      flagged (mask False), valid_pixels.
+    """
+    flux, ivar, mask = np.asarray(flux), np.asarray(ivar), np.asarray(mask, bool)
+    if flux.dtype == np.float32 and ivar.dtype == np.float32:
+        flux_ok, ivar_ok = np.isfinite(flux), np.isfinite(ivar)  # float32 cannot overflow it
+    else:
+        # float32 is what shards and models hold: finite float64 values beyond its range would
+        # become inf there, so they count as non-finite here.
+        f32_max = float(np.finfo(np.float32).max)
+        flux = np.asarray(flux, np.float64)
+        ivar = np.asarray(ivar, np.float64)
+        with np.errstate(invalid="ignore"):
+            flux_ok = np.abs(flux) <= f32_max  # False for NaN and ±inf too
+            ivar_ok = np.abs(ivar) <= f32_max
+    with np.errstate(invalid="ignore"):
+        positive = ivar > 0
+    good = mask & flux_ok & ivar_ok & positive
+
+    def per_row(bad):  # [N] pixels where ``bad`` and the mask allowed them
+        return np.count_nonzero(bad & mask, axis=-1)
+
+    zeros = np.zeros(flux.shape[:-1], np.int64)
+    all_finite = (flux_ok.all(), ivar_ok.all())  # the usual case: two passes saved
+    counts = {"nonfinite_flux": zeros if all_finite[0] else per_row(~flux_ok),
+              "nonfinite_ivar": zeros if all_finite[1] else per_row(~ivar_ok),
+              "nonpositive_ivar": per_row(ivar_ok & ~positive),
+              "flagged": mask.shape[-1] - np.count_nonzero(mask, axis=-1),
+              "valid_pixels": np.count_nonzero(good, axis=-1)}
+    zero = np.float32(0)
+    return (np.where(good, flux, zero).astype(np.float32, copy=False),
+            np.where(good, ivar, zero).astype(np.float32, copy=False), good, counts)
 
 
 def stack_records(records: list[Mapping[str, Any]], num_labels: int,

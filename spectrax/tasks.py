@@ -142,8 +142,9 @@ class RedshiftTask(Task):
       widths are all fitted), or logits only ([B, M]), trained by a cross-entropy against the
       true redshift spread over the two bins around it in proportion to its distance from
       their centres (``target="two_hot"``: the target's mean is exactly ln(1+z_true)) or
-      against a Gaussian of ``target_sigma_bins`` bins (``target="gaussian"``). Rows whose redshift lies outside the
-      model's bins are left out of the loss and counted (``outside_grid_frac``). A fixed tenth
+      against a Gaussian of ``target_sigma_bins`` bins (``target="gaussian"``). Rows whose
+      redshift lies outside the model's bins are left out of the loss and counted
+      (``outside_grid_frac``). A fixed tenth
       of the training spectra (:func:`spectrax.redshift.is_holdout`) never enters the
       cross-entropy: on them a pinball loss trains the model's ``zerr_coefficients`` (from
       stop-gradient logits) so that ZERR is the 68.27 % quantile of |Δz| on spectra the model

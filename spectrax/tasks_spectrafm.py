@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectrax import metrics as M
+from spectrax import plots
+from spectrax.data import shards
 from spectrax.models import spectrafm as fm
 from spectrax.tasks import Task
 
 FLUX_RANGE = (0.05, 1.2)   # SPECS.md §4: normalised flux outside this is bad (NaN)
 STATS_MAX_SPECTRA = 2000   # spectra read to fit the per-pixel statistics
 GIANTS = (1.0, 3.5)        # log g range of the paper's scatter table
-IRON_POOR = -1.0           # [Fe/H] below this is "iron-poor" (stage-3 evaluation)
 
 
 class SpectraFMTask(Task):
@@ -44,7 +45,7 @@ class SpectraFMTask(Task):
       labels: labels to train on and predict (subset of ``spectrafm.LABEL_NAMES``, e.g.
         ("FE_H",) for the stage-3 fine-tune).
       pixel_range: (first, stop) pixel indices of the full grid the model may use; (0, 0) =
-        all (stage 2: (0, 3757); stage 3: (4107, 4619)).
+        all (stage 2: (0, 3757); stage 3: :data:`spectrax.models.spectrafm.FE_WINDOW`).
       context: tokens per forward pass; None = the model's context length (512 in the paper).
       chunk_seed: seed of the chunked-inference permutation.
     """
@@ -75,7 +76,6 @@ class SpectraFMTask(Task):
         self.label_names = self.labels + (errors if self.has_errors else ())
 
     def fit_state(self, label_stats: dict, data_dir=None) -> None:
-        from spectrax.data import shards
         rows = []
         for rec in shards.iter_records(data_dir, "train"):
             f = np.where(rec["mask"], rec["flux"], np.nan)
@@ -167,49 +167,21 @@ class SpectraFMTask(Task):
                       / jnp.maximum(has.sum(), 1)}
 
     # -- chunked inference --------------------------------------------------------------------
-    def _chunks(self, z, ok, wavelength, context: int):
-        """Permuted range pixels cut into [C, B, context] chunks (values, wavelength, ok)."""
-        length = z.shape[1]
-        a, b = self.pixel_range if self.pixel_range[1] > self.pixel_range[0] else (0, length)
-        order = a + fm.chunk_permutation(b - a, self.chunk_seed)
-        n_chunks = -(-order.size // context)
-        pad = n_chunks * context - order.size
-
-        def arrange(x, fill):
-            x = jnp.pad(x[:, order], ((0, 0), (0, pad)), constant_values=fill)
-            return jnp.moveaxis(x.reshape(x.shape[0], n_chunks, context), 1, 0)
-
-        return arrange(z, 0.0), arrange(wavelength, 0.0), arrange(ok, False), order, n_chunks
+    def chunk_layout(self, model, num_pixels: int) -> fm.ChunkLayout:
+        """How this task cuts a ``num_pixels`` spectrum for ``model`` (its pixel range, context
+        and chunk seed)."""
+        return fm.chunk_layout(num_pixels, self.context_of(model), self.chunk_seed,
+                               self.pixel_range)
 
     def predict_standardised(self, model, batch, names=None, *, return_attention=False):
-        """Chunk-averaged (prediction, σ) [B, K] in standardised units for labels ``names``,
-        plus per-chunk attention [C, K, B, context] and the permutation when asked."""
+        """Chunk-averaged (prediction, σ) [B, K] in standardised units for labels ``names``
+        (:func:`spectrax.models.spectrafm.chunked_predict`), plus per-chunk attention
+        [C, K, B, context] and chunk masks [C, B, context] when asked."""
         names = self.labels if names is None else tuple(names)
         z, ok = self._standardised(batch)
-        vals, wave, oks, order, _ = self._chunks(z, ok, batch.wavelength, self.context_of(model))
-        requests = self._request_ids(model, names)
-        b = z.shape[0]
-
-        def one_chunk(args):
-            v, w, o = args
-            ids = jnp.where(o, model.cfg.pixel_token_id, fm.PADDING_TOKEN_ID)
-            # The encoder does not see the request: encode the chunk once, decode each label.
-            memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False)
-            outs = [model.decode(memory, key_mask, jnp.full((b,), r, jnp.int32), train=False,
-                                 return_attention=return_attention) for r in requests]
-            preds = jnp.stack([o_[0] for o_ in outs], 1)
-            sig = jnp.exp(0.5 * jnp.stack([o_[1] for o_ in outs], 1))
-            att = jnp.stack([o_[2] for o_ in outs], 0) if return_attention else None
-            return preds, sig, att
-
-        preds, sigmas, att = jax.lax.map(one_chunk, (vals, wave, oks))   # [C, B, K]
-        usable = oks.any(-1)[:, :, None]                                   # [C, B, 1]
-        n = jnp.maximum(usable.sum(0), 1)
-        pred = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, preds, 0.0), 0) / n, jnp.nan)
-        sigma = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, sigmas, 0.0), 0) / n, jnp.nan)
-        if return_attention:
-            return pred, sigma, att, oks, order
-        return pred, sigma
+        return fm.chunked_predict(model, z, batch.wavelength, ok, self._request_ids(model, names),
+                                  self.chunk_layout(model, z.shape[1]),
+                                  return_attention=return_attention)
 
     def predict(self, model, batch) -> dict[str, Any]:
         pred, sigma = self.predict_standardised(model, batch)
@@ -241,7 +213,8 @@ class SpectraFMTask(Task):
                 if g.any():
                     res[f"{name}_scatter_giants"] = M.scatter(y[g], yp[g])
             if feh is not None:
-                for tag, sel in (("iron_poor", feh < IRON_POOR), ("iron_rich", feh >= IRON_POOR)):
+                cut = fm.IRON_POOR_FE_H  # (NaN [Fe/H] is in neither group)
+                for tag, sel in (("iron_poor", feh < cut), ("iron_rich", feh >= cut)):
                     s = v & sel
                     if s.any():
                         res[f"{name}_rmse_{tag}"] = M.rmse(y[s], yp[s])
@@ -249,7 +222,6 @@ class SpectraFMTask(Task):
         return res
 
     def figures(self, out, examples, workdir: Path, n: int) -> list[Path]:
-        from spectrax import plots
         truth = np.stack([self._truth(out, name) for name in self.labels], 1)
         return [plots.label_scatter(np.nan_to_num(truth), out["pred"],
                                     np.isfinite(truth) & np.isfinite(out["pred"]), self.labels,

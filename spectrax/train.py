@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import sys
 import time
@@ -28,6 +27,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
+
+from spectrax import runtime
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
@@ -462,31 +463,22 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                          f"{n_dev} devices of the mesh")
     local_batch = config.batch_size // n_proc
-    length = config.data.length or None
 
     trainer = Trainer(config, mesh, config.num_steps,
                       steps_per_epoch=max(1, manifest.count("train") // config.batch_size))
     trainer.task.bind_labels(manifest.label_names)
     idx = label_indices(manifest, trainer.task)
-    buckets = tuple(config.data.buckets)
-    registry.check_input_length(config.model, max(buckets) if buckets
-                                else pipeline.pixel_length(manifest, length))
+    buckets = pipeline.batch_lengths(config.data, data_dir)  # one fixed length: one bucket
+    registry.check_input_length(config.model, max(buckets))
 
     # -- state: resume, or initialise (optionally from another run) ----------------------
     ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
-    if buckets:
-        plan = pipeline.bucket_plan(shards.record_lengths(data_dir, "train"), buckets,
-                                    where=f"{data_dir} split 'train'")
-        if is_main:
-            print(f"length buckets: {json.dumps(plan.summary())}", flush=True)
-        data_iter = pipeline.bucketed_train_iterator(
-            data_dir, batch_size=local_batch, seed=config.seed, buckets=buckets,
-            num_threads=config.data.num_threads)
-    else:
-        plan = None
-        data_iter = pipeline.train_iterator(
-            data_dir, batch_size=local_batch, seed=config.seed, length=length,
-            num_threads=config.data.num_threads)
+    plan = pipeline.bucket_plan(shards.record_lengths(data_dir, "train"), buckets,
+                                where=f"{data_dir} split 'train'")
+    if is_main and len(buckets) > 1:
+        print(f"length buckets: {json.dumps(plan.summary())}", flush=True)
+    data_iter = pipeline.train_iterator(data_dir, batch_size=local_batch, seed=config.seed,
+                                        buckets=buckets, num_threads=config.data.num_threads)
     if ckpt.latest_step() is not None:
         state, data_state, old_meta = ckpt.restore(trainer.abstract_with_shardings())
         data_iter.set_state(data_state)
@@ -618,7 +610,7 @@ def _train(config, workdir, preempt: _Preemption) -> dict:
               / max(eval_seconds, 1e-9),
               "compile_seconds": compile_total, "devices": n_dev, "processes": n_proc,
               "platform": jax.devices()[0].platform, "workdir": str(workdir),
-              **({"bucketing": plan.summary()} if plan is not None else {})}
+              **({"bucketing": plan.summary()} if len(buckets) > 1 else {})}
     if is_main:
         (workdir / "metrics.json").write_text(json.dumps(result, indent=2))
         figs = trainer.task.figures(ev["outputs"], ev["examples"], workdir, config.num_figures)
@@ -670,22 +662,16 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
     """
     from jax.experimental import multihost_utils
 
+    from spectrax import sharding
     from spectrax.data import pipeline
 
-    bs = config.eval_batch_size
-    if bs % jax.device_count():
-        bs = jax.device_count() * max(1, bs // jax.device_count())
+    bs = sharding.round_up_batch(config.eval_batch_size, jax.device_count())
     step = trainer.jitted_eval_step
     outs, losses, examples = [], [], []
     pi, local = jax.process_index(), bs // jax.process_count()
-    buckets = tuple(config.data.buckets)
-    if buckets:
-        n_batches = pipeline.num_bucketed_eval_batches(data_dir, split, bs, buckets)
-        batches = pipeline.bucketed_eval_batches(data_dir, split, batch_size=bs, buckets=buckets)
-    else:
-        n_batches = pipeline.num_eval_batches(data_dir, split, bs)
-        batches = pipeline.eval_batches(data_dir, split, batch_size=bs,
-                                        length=config.data.length or None)
+    buckets = pipeline.batch_lengths(config.data, data_dir)
+    n_batches = pipeline.num_eval_batches(data_dir, split, bs, buckets)
+    batches = pipeline.eval_batches(data_dir, split, batch_size=bs, buckets=buckets)
     from spectrax import metrics as M
     from spectrax.data import shards
 
@@ -834,5 +820,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     app.run(main)

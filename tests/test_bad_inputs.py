@@ -25,8 +25,8 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from spectrax import predict, prepare
-from spectrax.data import pipeline, shards
+from spectrax import prepare
+from spectrax.data import inputs, pipeline, shards
 from spectrax.data.grids import desi_wavelength
 from spectrax.data.readers import desi
 from spectrax.spectra import SpectrumError
@@ -147,16 +147,20 @@ def read(path, redrock=None):
 
 
 def prep(tmp: Path, *files, **kw):
-    return lambda: prepare.prepare_desi([str(f) for f in files], tmp / "out", cuts="none", **kw)
+    return lambda: prepare.prepare([str(f) for f in files], tmp / "out", survey="desi",
+                                   cuts="none", **kw)
 
 
 def predict_records(item, length: int = 7781):
-    """predict's per-input record path (no model): returns (records, counts, refusals)."""
+    """The input layer's record path of predict and embeddings (no model): returns (records,
+    counts, refusals)."""
     def act():
         counts: dict[str, int] = {}
-        refusals = predict.Refusals(strict=False)
-        recs = list(predict._fitting_records(str(item), None, length, counts, refusals))
-        return recs, counts, refusals.messages
+        refused: list[str] = []
+        found = inputs.discover([str(item)])
+        recs = list(inputs.model_records(found.units, inputs.LengthPolicy(length=length),
+                                         counts, refused.append))
+        return recs, counts, refused + [f"{f}: {r}" for f, r in found.skipped]
     return act
 
 
@@ -165,7 +169,7 @@ def shard_read(d):
 
 
 def pipeline_read(d):
-    return lambda: list(pipeline.eval_batches(str(d), "test", batch_size=4, num_threads=1))
+    return lambda: list(pipeline.eval_batches(str(d), "test", batch_size=4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,8 +188,19 @@ def reader_counts(kept: int, **counts):
 def prepare_counts(kept: int, **counts):
     def verify(report):
         assert report["kept"] == kept, report
+        assert not report["skipped"], report["skipped"]
         for key, value in counts.items():
             assert report["reader"].get(key, 0) == value, (key, report["reader"])
+    return verify
+
+
+def prepare_skipped(*patterns):
+    """prepare carried on: the unreadable file is skipped, named with the reason."""
+    def verify(report):
+        assert report["kept"] == 0 and len(report["skipped"]) == 1, report
+        text = f"{report['skipped'][0]['file']}: {report['skipped'][0]['reason']}"
+        for pattern in patterns:
+            assert re.search(pattern, text), (pattern, text)
     return verify
 
 
@@ -194,12 +209,11 @@ def predict_counts(kept: int, refused: int = 0, **counts):
         recs, got, messages = result
         assert len(recs) == kept and len(messages) == refused, (len(recs), messages)
         for key, value in counts.items():
-            total = sum(v for k, v in got.items() if k.endswith(":" + key))
-            assert total == value, (key, got)
+            assert got.get(key, 0) == value, (key, got)
         for m in messages:  # every refusal names the file and the record
-            assert ".array_record record" in m or ".fits" in m, m
+            assert ".array_record" in m or ".fits" in m, m
         for r in recs:
-            assert np.all(np.isfinite(r["flux"])) and np.all(np.isfinite(r["ivar"]))
+            assert np.all(np.isfinite(r.record["flux"])) and np.all(np.isfinite(r.record["ivar"]))
     return verify
 
 
@@ -330,6 +344,11 @@ def _truncated_shard(tmp):
     return d
 
 
+def _text_file(tmp):
+    (tmp / "notes.txt").write_text("not a spectrum")
+    return tmp / "notes.txt"
+
+
 def _manifest_edit(tmp, text):
     d = shard_dir(tmp, good_payloads(2))
     (d / "manifest.json").write_text(text)
@@ -402,9 +421,11 @@ CASES: list[tuple[str, Callable[[Path], Callable], Any]] = [
      Passes(prepare_counts(2, all_pixels_masked=1, duplicate_targetid=1))),
     ("prepare/empty_table", lambda t: prep(t, coadd(t, n=0)), Passes(prepare_counts(0))),
     ("prepare/truncated_fits", lambda t: prep(t, truncate(coadd(t))),
-     Refused((NAMED_FILE, "truncated|corrupt"))),
+     Passes(prepare_skipped(NAMED_FILE, "truncated|corrupt"))),
+    ("prepare/truncated_fits_strict", lambda t: prep(t, truncate(coadd(t)), strict=True),
+     Refused((NAMED_FILE, "truncated|corrupt", "--strict"))),
     ("prepare/wrong_hdu_layout", lambda t: prep(t, coadd(t, drop=("FIBERMAP",))),
-     Refused((NAMED_FILE, "FIBERMAP"))),
+     Passes(prepare_skipped(NAMED_FILE, "FIBERMAP"))),
     # --- real DESI files, mutated -----------------------------------------------------------
     ("real/truncated_coadd", lambda t: read(truncate(real_copy(t, REAL_COADD), 0.3)),
      Refused((REAL_COADD, "truncated|corrupt"))),
@@ -423,14 +444,18 @@ CASES: list[tuple[str, Callable[[Path], Callable], Any]] = [
     ("real/prepare_truncated_redrock", lambda t: prep(
         t, real_copy(t, REAL_COADD), truncate(real_copy(t, REAL_REDROCK), 0.2)),
      # astropy drops the cut HDUs silently, so the reader reports the missing HDU by name
-     Refused((REAL_REDROCK, "truncated|corrupt|no HDU 'REDSHIFTS'"))),
+     Passes(prepare_skipped(REAL_COADD, "truncated|corrupt|no HDU 'REDSHIFTS'"))),
     # --- predict's record path: bad records masked or refused by name, good ones through -----
     ("predict/desi_nan_row", lambda t: predict_records(coadd(t, set_all(FLUXES, 1, np.nan))),
      Passes(predict_counts(3, all_pixels_masked=1))),
     ("predict/desi_truncated", lambda t: predict_records(truncate(coadd(t))),
-     Refused((NAMED_FILE, "truncated|corrupt"))),
-    ("predict/not_an_input", lambda t: predict_records(t / "nothing.txt"),
-     Refused(("nothing.txt", "neither a shard directory"))),
+     Passes(predict_counts(0, refused=1, refused_files=1))),
+    ("predict/no_such_input", lambda t: predict_records(t / "nothing.txt"),
+     Refused(("nothing.txt", "no such file"), exc=FileNotFoundError)),
+    ("predict/not_a_survey_file", lambda t: predict_records(_text_file(t)),
+     Passes(lambda r: (predict_counts(0)(([], r[1], [])),
+                       re.search("notes.txt: cannot tell its survey", r[2][0])
+                       or pytest.fail(str(r[2]))))),
     ("predict/shard_garbage_record", lambda t: predict_records(shard_dir(
         t, good_payloads(2) + [b"\x93garbage"] + good_payloads(2)), 220),
      Passes(predict_counts(4, refused=1, refused_records=1))),

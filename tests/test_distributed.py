@@ -302,6 +302,8 @@ def test_fsdp_on_eight_devices_matches_one_device(tmp_path):
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
+        from spectrax import runtime
+        runtime.configure()  # the XLA:CPU settings of this process (tests/conftest.py)
         import test_distributed as T
         print("RESULT " + json.dumps(T.fsdp_steps({base!r}, data=1, fsdp=8)))
     """)
@@ -339,7 +341,7 @@ BF16_LOSS_RTOL = 2.0**-6
 def _bf16_case(family: str):
     """(config, fixed batch) of the tiny ``family`` model: simulated DESI galaxies for SpecPT
     and the tokenizer, simulated APOGEE stars for SpectraFM."""
-    from spectrax.config_lib import specpt_autoencoder, spectrafm_pretrain, tokenizer_pretrain
+    from spectrax.config_lib import load
     from spectrax.data import grids, mixture, survey_grids, synthetic
     from spectrax.spectra import batch_from_arrays
 
@@ -347,17 +349,17 @@ def _bf16_case(family: str):
         stars = [r for chunk in mixture.iter_apogee("apogee_clean", 8, seed=1) for r in chunk]
         stack = lambda k: np.stack([r[k] for r in stars])
         wave = survey_grids.apogee_wavelength().astype(np.float32)
-        return spectrafm_pretrain("variant=tiny"), batch_from_arrays(
+        return load("configs/spectrafm_pretrain.py", "variant=tiny"), batch_from_arrays(
             flux=stack("flux"), ivar=stack("ivar"), mask=stack("mask"), labels=stack("labels"),
             wavelength=np.broadcast_to(wave, (len(stars), wave.size)))
     d = synthetic.simulate_desi_galaxies(8, "bgs", seed=1)
     wave = np.broadcast_to(grids.desi_wavelength().astype(np.float32), d["flux"].shape)
     if family == "specpt":
-        return specpt_autoencoder("bgs", "variant=tiny"), batch_from_arrays(
+        return load("configs/specpt_bgs.py", "variant=tiny"), batch_from_arrays(
             flux=d["flux"], ivar=d["ivar"], mask=d["mask"], wavelength=wave)
     # the tokenizer takes 32-pixel patches: 7781 pixels padded to 7808 (masked, λ = -1)
     pad = lambda x, v: np.pad(x, ((0, 0), (0, 7808 - x.shape[1])), constant_values=v)
-    return tokenizer_pretrain("variant=tiny"), batch_from_arrays(
+    return load("configs/tokenizer_pretrain.py", "variant=tiny"), batch_from_arrays(
         flux=pad(d["flux"], 0), ivar=pad(d["ivar"], 0), mask=pad(d["mask"], False),
         wavelength=pad(wave, -1))
 
@@ -408,3 +410,35 @@ def test_bf16_loss_matches_float32(family):
     print(f"{family}: float32 loss {float(f32):.6g}, bf16 {float(bf16):.6g}, rel diff {rel:.2e}")
     assert float(bf16) != float(f32)  # bf16 compute really happened
     assert rel <= BF16_LOSS_RTOL, (family, float(f32), float(bf16), rel)
+
+
+# --- prediction over two processes ------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_predict_disjoint_shares_into_one_catalogue(tmp_path):
+    """``spectrax.predict`` as 2 jax.distributed processes: each predicts its own blocks on its
+    own device, process 0 merges the parts into ONE catalogue equal to a one-process run's
+    (same rows, same order, same predictions)."""
+    from astropy.table import Table
+
+    from spectrax import predict
+
+    cfg = tiny_config(tmp_path, stage="redshift", steps=2)
+    train.train(cfg, tmp_path / "run")
+    data_dir = ensure_data(cfg.data)  # 136 simulated spectra, all splits
+    one = tmp_path / "one.fits"
+    predict.run(cfg, str(tmp_path / "run"), [str(data_dir)], one, batch_size=8,
+                block_spectra=16, progress=False)
+    two = tmp_path / "two.fits"
+    keys = {"data.n_train": cfg.data.n_train, "data.n_val": cfg.data.n_val,
+            "data.n_test": cfg.data.n_test, "data.cache_dir": cfg.data.cache_dir,
+            "init.from_workdir": ""}
+    args = ["-m", "spectrax.predict", "--config=configs/specpt_redshift_bgs.py:variant=tiny",
+            *[f"--config.{k}={v}" for k, v in keys.items()], f"--checkpoint={tmp_path / 'run'}",
+            f"--input={data_dir}", f"--output={two}", "--batch_size=8", "--block_spectra=16"]
+    texts = _wait(_launch(args, 2, tmp_path / "logs", {}), tmp_path / "logs", 300)
+    assert "wrote 136 rows" in texts[0] and "wrote" not in texts[1]
+    a, b = Table.read(one), Table.read(two)
+    assert len(a) == len(b) == 136
+    np.testing.assert_array_equal(a["TARGETID"], b["TARGETID"])
+    np.testing.assert_allclose(a["Z"], b["Z"], rtol=1e-6)
+    assert not Path(str(two) + ".parts").exists()

@@ -13,9 +13,10 @@ import h5py
 import numpy as np
 import pytest
 
-from spectrax import checkpoint, embeddings, predict, sharding, train
-from spectrax.config_lib import specpt_redshift, tokenizer_adapt, tokenizer_pretrain
-from spectrax.data import mixture, pipeline
+from spectrax import checkpoint, embeddings, sharding, train
+from spectrax.config_lib import load
+from spectrax.data import inputs, mixture, pipeline
+from spectrax.inference import InferenceModel
 from spectrax.spectra import SURVEY_IDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,16 +35,22 @@ def _tiny(c, tmp):
     return c
 
 
+def _raise(message):
+    raise AssertionError(message)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny tokenizer trained one step on a tiny multi-survey mixture, and its export."""
     tmp = tmp_path_factory.mktemp("emb")
-    c = _tiny(tokenizer_pretrain("variant=tiny"), tmp).lock()
+    c = _tiny(load("configs/tokenizer_pretrain.py", "variant=tiny"), tmp).lock()
     train.train(c, tmp / "pre")
     data_dir = next((tmp / "data").iterdir())
     out = tmp / "emb.h5"
     summary = embeddings.export_embeddings(c, tmp / "pre", [str(data_dir)], out, batch_size=8)
-    records = list(predict._records_from_input(str(data_dir), None, {}))
+    found = inputs.discover([str(data_dir)])
+    records = [r.record for r in inputs.model_records(found.units, inputs.LengthPolicy(), {},
+                                                      _raise)]
     return {"config": c, "tmp": tmp, "workdir": tmp / "pre", "data": data_dir, "out": out,
             "summary": summary, "records": {int(r["id"]): r for r in records},
             "read_order": [int(r["id"]) for r in records]}
@@ -101,8 +108,8 @@ def test_same_embedding_at_native_length(run):
     import jax
 
     a = embeddings.load_embeddings(run["out"], tokens=True)
-    predictor = predict.Predictor.from_checkpoint(run["config"], run["workdir"])
-    enc = embeddings.encoder_of(predictor.trainer.model(predictor.state))
+    model = InferenceModel.from_checkpoint(run["config"], run["workdir"])
+    enc = embeddings.encoder_of(model.model())
     encode = jax.jit(lambda f, m, w, iv: enc.encode(f, m, w, ivar=iv))
     survey = a["labels"]["survey"]
     for name in ("sdss", "apogee"):  # 4608 and 7808 buckets; neither a multiple of 32 px
@@ -121,7 +128,7 @@ def test_adapted_run_in_another_bucket_and_batch_gives_the_same_embeddings(run):
     its training starts), exported with ONE 7808-px bucket, 3 spectra per batch and float16
     tokens, gives the pre-trained export's embeddings: the encoder is its .tokenizer, and
     neither bucket padding nor batch composition changes an embedding."""
-    c = _tiny(tokenizer_adapt("classify", "variant=tiny"), run["tmp"])
+    c = _tiny(load("configs/tokenizer_classify.py", "variant=tiny"), run["tmp"])
     c.data.buckets = (7808,)
     c.lock()
     trainer = train.Trainer(c, sharding.make_mesh(1, 1), 1)
@@ -160,7 +167,7 @@ def test_pooled_only_export(run, tmp_path):
 
 
 def test_non_tokenizer_model_is_refused_clearly(tmp_path):
-    c = specpt_redshift("bgs", "variant=tiny")
+    c = load("configs/specpt_redshift_bgs.py", "variant=tiny")
     with pytest.raises(embeddings.EmbeddingsError,
                        match=r"model 'specpt_redshift'.*only for tokenizer models"):
         embeddings.export_embeddings(c, tmp_path / "no_run", ["x"], tmp_path / "e.h5")
@@ -170,10 +177,11 @@ def test_non_tokenizer_model_is_refused_clearly(tmp_path):
 def test_catalogue_batches_of_a_bucketed_config(run):
     """predict's catalogue path pads each record to the smallest bucket holding it (as
     training does), one bucket per batch, and reads labels by name (SURVEY is the survey)."""
-    policy = predict.LengthPolicy.for_catalogue(run["config"])
+    policy = inputs.LengthPolicy.for_model(run["config"].data)
     assert policy.buckets == (4608, 7808)
     seen = []
-    for batch, _ in predict.iter_batches([str(run["data"])], 8, policy, ["survey"]):
+    rows = inputs.model_records(inputs.discover([str(run["data"])]).units, policy, {}, _raise)
+    for batch, _ in pipeline.batches_by_length(rows, 8, ["survey"]):
         v = batch.valid
         for i in np.flatnonzero(v):
             r = run["records"][int(batch.ids[i])]
@@ -183,8 +191,8 @@ def test_catalogue_batches_of_a_bucketed_config(run):
             assert batch.labels[i, 0] == r["labels"][mixture.LABELS.index("survey")]
             seen.append(int(batch.ids[i]))
     assert sorted(seen) == sorted(run["records"])
-    assert predict.LengthPolicy(buckets=(64, 128)).target(129) is None
-    assert "largest length bucket" in predict.LengthPolicy(buckets=(64, 128)).refusal(129)
+    assert inputs.LengthPolicy(buckets=(64, 128)).target(129) is None
+    assert "largest length bucket" in inputs.LengthPolicy(buckets=(64, 128)).refusal(129)
 
 
 def test_projection_plot_pca_categorical_and_continuous(run, tmp_path, capsys):

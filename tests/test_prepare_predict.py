@@ -11,8 +11,8 @@ from astropy.io import fits
 from astropy.table import Table
 
 from spectrax import predict, prepare, train
-from spectrax.config_lib import specpt_redshift
-from spectrax.data import shards
+from spectrax.config_lib import load
+from spectrax.data import inputs, shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DESI = ROOT.parent / "shared" / "fixtures" / "real" / "desi"
@@ -23,9 +23,9 @@ TARGET = 39633345008634465
 
 def test_prepare_real_desi_files(tmp_path):
     out = tmp_path / "desi"
-    report = prepare.prepare_desi([str(DESI / "coadd-4-80613-thru20210324.fits"),
-                                   str(DESI / "redrock-4-80613-thru20210324.fits"),
-                                   str(DESI / "coadd-sv3-dark-26065.fits")], out, cuts="bgs")
+    report = prepare.prepare([str(DESI / "coadd-4-80613-thru20210324.fits"),
+                              str(DESI / "redrock-4-80613-thru20210324.fits"),
+                              str(DESI / "coadd-sv3-dark-26065.fits")], out, cuts="bgs")
     # the sv3 file has 2 real targets without a redshift file: dropped and counted; its sky and
     # unassigned fibres are skipped by the reader and counted
     assert report["reader"]["no_redshift"] == 2
@@ -63,7 +63,7 @@ def test_prepare_cli_reports_and_refuses_bad_paths(tmp_path):
 
 
 def test_predict_writes_a_catalogue_for_coadds_and_shards(tmp_path):
-    c = specpt_redshift("bgs", "variant=tiny")
+    c = load("configs/specpt_redshift_bgs.py", "variant=tiny")
     c.unlock()
     c.data.n_train, c.data.n_val, c.data.n_test = 64, 8, 20
     c.data.cache_dir = str(tmp_path / "data")
@@ -79,9 +79,11 @@ def test_predict_writes_a_catalogue_for_coadds_and_shards(tmp_path):
     t = Table.read(cat)
     assert summary["rows"] == 1 and len(t) == 1
     assert int(t["TARGETID"][0]) == TARGET
-    assert t["Z"][0] == pytest.approx(0.368744, abs=1e-5)
-    assert np.isfinite(t["Z_PRED"][0]) and t["Z_PRED"][0] > 0
-    assert t["SPECTYPE"][0] == "GALAXY" and t.meta["SPXCONF"] == c.name
+    # known values: the label, and the redrock file's own columns, under their prefixes
+    assert t["LABEL_Z"][0] == pytest.approx(0.368744, abs=1e-5)
+    assert t["REDROCK_Z"][0] == pytest.approx(0.368744, abs=1e-5)
+    assert np.isfinite(t["Z"][0]) and t["Z"][0] > 0
+    assert t["REDROCK_SPECTYPE"][0] == "GALAXY" and t.meta["SPXCONF"] == c.name
 
     data_dir = next((tmp_path / "data").iterdir())
     summary = predict.run(c, str(run), [str(data_dir)], tmp_path / "sim.fits", batch_size=8)
@@ -99,5 +101,9 @@ def test_predict_refuses_spectra_on_another_grid(tmp_path):
         "mask": np.ones(500, bool), "labels": [0.1], "id": 1}])}
     shards.write_manifest(d, shards.Manifest(label_names=["z"], splits=splits, grid={
         "kind": "linear", "start": 4000.0, "step": 1.0, "n": 500}))
-    with pytest.raises(SpectrumError, match="500 pixels.*7781"):
-        list(predict.iter_batches([str(d)], 4, 7781, ["z"]))
+
+    def refuse(message):
+        raise SpectrumError(message)
+    with pytest.raises(SpectrumError, match=r"test-00000-of-00001\.array_record.*500 pixels.*7781"):
+        list(inputs.model_records(inputs.discover([str(d)]).units,
+                                  inputs.LengthPolicy(length=7781), {}, refuse))

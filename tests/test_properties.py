@@ -17,7 +17,8 @@ from spectrax.data.grids import desi_wavelength
 from spectrax.data.preprocess import median_normalise
 from spectrax.data.readers.desi import merge_cameras
 from spectrax.models import specpt
-from spectrax.spectra import SpectrumError, pad_batch_rows, sanitize_record, stack_records
+from spectrax.spectra import (SpectrumError, pad_batch_rows, sanitize_record, sanitize_rows,
+                              stack_records)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 FEW = settings(max_examples=15, deadline=None)  # for properties that call jitted JAX code
@@ -118,6 +119,13 @@ def test_merge_never_invents_flux_stays_between_inputs_and_sums_ivar(cams):
     assert np.all(flux[good] <= hi[good] + tol[good] + 1e-30)
     np.testing.assert_allclose(ivar[good], total[good], rtol=1e-6)
     assert np.all(np.isfinite(flux)) and np.all(np.isfinite(ivar))
+    # the output already obeys sanitize_record's rules: the DESI reader relies on it
+    f2, i2, g2, counts = sanitize_rows(flux, ivar, good)
+    np.testing.assert_array_equal(g2, good)
+    np.testing.assert_array_equal(f2, flux)
+    np.testing.assert_array_equal(i2, ivar)
+    assert not any(counts[k].any() for k in ("nonfinite_flux", "nonfinite_ivar",
+                                              "nonpositive_ivar"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, predict, train
-from spectrax.config_lib import specpt_autoencoder
+from spectrax.config_lib import load
 from spectrax.data import shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def overrides(cache_dir, **extra) -> dict:
 
 
 def config(over: dict):
-    c = specpt_autoencoder("bgs", "variant=tiny")
+    c = load("configs/specpt_bgs.py", "variant=tiny")
     c.unlock()
     for key, value in over.items():
         node = c
@@ -218,7 +218,7 @@ def test_resume_on_another_mesh_reshards_and_continues_the_same(reference, tmp_p
 # ----------------------------------------------------------------------------------------------
 def write_input(directory: Path, records: list[dict], first_id: int) -> Path:
     """A shard directory of ``records`` re-numbered from ``first_id`` (DESI grid)."""
-    from spectrax.prepare import DESI_GRID
+    from spectrax.data.grids import DESI_GRID
 
     recs = [{**r, "id": first_id + i} for i, r in enumerate(records)]
     splits = {"test": shards.write_split(directory, "test", recs)}
@@ -240,7 +240,7 @@ def test_predict_killed_mid_run_resumes_with_one_row_per_spectrum(reference, tmp
         range(30_000, 30_288))
     out = tmp_path / "catalog.fits"
     args = [*cli_args(over), f"--checkpoint={full}", f"--output={out}", "--batch_size=8",
-            "--input=" + ",".join(str(i) for i in inputs)]
+            "--block_spectra=64", "--input=" + ",".join(str(i) for i in inputs)]
     proc = popen("spectrax.predict", args)
     parts = Path(str(out) + ".parts")
     wait_for(lambda: any(parts.glob("*.fits")), proc)
@@ -249,12 +249,13 @@ def test_predict_killed_mid_run_resumes_with_one_row_per_spectrum(reference, tmp
     proc.communicate()
     assert running and not out.exists(), "predict finished before the kill"
 
-    summary = predict.run(cfg, str(full), [str(i) for i in inputs], out, batch_size=8)
+    summary = predict.run(cfg, str(full), [str(i) for i in inputs], out, batch_size=8,
+                          block_spectra=64)
     from astropy.table import Table
 
     table = Table.read(out)
     ids = np.asarray(table["TARGETID"]).tolist()
-    assert summary["inputs_resumed"] >= 1
+    assert summary["blocks_resumed"] >= 1
     assert len(ids) == len(expected) == summary["rows"]     # none lost, none duplicated
     assert set(ids) == expected
     assert not parts.exists()                              # parts folded into the catalogue
@@ -263,14 +264,19 @@ def test_predict_killed_mid_run_resumes_with_one_row_per_spectrum(reference, tmp
 def test_part_store_restart_and_other_model_discard_old_parts(tmp_path):
     from astropy.table import Table
 
+    from spectrax.data.inputs import ShardUnit
+
     out = tmp_path / "cat.fits"
     store = predict.PartStore(out, {"config": "x", "step": 1})
-    key = store.key("input-a", None)
-    store.write(key, "input-a", Table({"TARGETID": [1, 2]}), {"a:x": 1}, [])
+    key = store.key([ShardUnit("d", "test", "d/test-0.array_record", 0, 2)])
+    store.write(key, Table({"TARGETID": [1, 2]}), {"x": 1}, [])
     assert predict.PartStore(out, {"config": "x", "step": 1}).done(key)["rows"] == 2
     assert predict.PartStore(out, {"config": "x", "step": 2}).done(key) is None  # other model
+    # another process's ledger is read too; each process writes only its own
+    other = predict.PartStore(out, {"config": "x", "step": 1}, process=1)
+    assert other.done(key)["rows"] == 2 and not other.mine
     store = predict.PartStore(out, {"config": "x", "step": 1})
-    store.write(key, "input-a", Table({"TARGETID": [1, 2]}), {}, [])
+    store.write(key, Table({"TARGETID": [1, 2]}), {}, [])
     assert predict.PartStore(out, {"config": "x", "step": 1}, restart=True).done(key) is None
 
 

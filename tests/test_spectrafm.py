@@ -340,30 +340,39 @@ def test_sample_pixels_only_valid():
 
 def test_chunked_predict_is_mean_over_fixed_chunks(tiny):
     n, chunk = 37, N  # 3 chunks, the last padded with 11 tokens
-    values, wave, ids = tokens(B, n, seed=3)
-    order = S.chunk_permutation(n, seed=0)
-    values[1, :] = np.nan
-    values[1, order[:chunk]] = 0.3  # star 1: only its first chunk has usable pixels
-    req = np.array([LABELS["TEFF"], LABELS["LOGG"]], np.int32)
-    fn = lambda v, w, t, r: apply(tiny, v, w, t, r)  # noqa: E731
+    values, wave, _ = tokens(B, n, seed=3)
+    layout = S.chunk_layout(n, chunk, seed=0)
+    order = layout.order
+    ok = np.ones((B, n), bool)
+    ok[1, :] = False
+    ok[1, order[:chunk]] = True  # star 1: only its first chunk has usable pixels
+    req = [LABELS["TEFF"], LABELS["LOGG"]]
 
     np.testing.assert_array_equal(order, np.random.RandomState(0).permutation(n))
-    np.testing.assert_array_equal(order, S.chunk_permutation(n, seed=0))
     assert not np.array_equal(order, S.chunk_permutation(n, seed=1))
+    assert layout.n_chunks == 3 and (layout.positions()[2, n - 2 * chunk:] == -1).all()
 
-    pred, sigma, preds, sigmas = S.chunked_predict(fn, values, wave, ids, req, chunk=chunk,
-                                                   seed=0, return_chunks=True)
-    assert preds.shape == (B, 3)
-    # each chunk's prediction is the model on exactly those permuted pixels
-    sel = order[chunk:2 * chunk]
-    p1, lv1 = fn(values[:, sel], wave[:, sel], ids[:, sel], req)
-    np.testing.assert_allclose(preds[0, 1], p1[0], atol=1e-6)
-    np.testing.assert_allclose(sigmas[0, 1], np.exp(0.5 * lv1[0]), rtol=1e-5)
-    np.testing.assert_allclose(pred[0], preds[0].mean(), atol=1e-12)
-    np.testing.assert_allclose(sigma[0], sigmas[0].mean(), atol=1e-12)
-    assert np.isnan(preds[1, 1:]).all() and pred[1] == preds[1, 0]
-    again = S.chunked_predict(fn, values, wave, ids, req, chunk=chunk, seed=0)
-    np.testing.assert_array_equal(again[0], pred)
+    pred, sigma = jax.jit(lambda v, w, o: S.chunked_predict(tiny, v, w, o, req, layout))(
+        values, wave, ok)
+    pred, sigma = np.asarray(pred), np.asarray(sigma)
+    # by hand: each chunk is the model on exactly its permuted pixels; star 0 averages three
+    for k, r in enumerate(req):
+        per_chunk = []
+        for c in range(3):
+            sel = order[c * chunk:(c + 1) * chunk]
+            ids = np.where(ok[:, sel], TINY.pixel_token_id, 0).astype(np.int32)
+            p, lv = apply(tiny, np.pad(values[:, sel], ((0, 0), (0, chunk - sel.size))),
+                          np.pad(np.where(ok[:, sel], wave[:, sel], 0), ((0, 0),
+                                                                          (0, chunk - sel.size))),
+                          np.pad(ids, ((0, 0), (0, chunk - sel.size))), np.full(B, r, np.int32))
+            per_chunk.append((p, np.exp(0.5 * lv)))
+        np.testing.assert_allclose(pred[0, k], np.mean([p[0] for p, _ in per_chunk]), atol=1e-5)
+        np.testing.assert_allclose(sigma[0, k], np.mean([s_[0] for _, s_ in per_chunk]),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(pred[1, k], per_chunk[0][0][1], atol=1e-5)  # first chunk only
+    none = jax.jit(lambda v, w, o: S.chunked_predict(tiny, v, w, o, req, layout))(
+        values, wave, np.zeros_like(ok))
+    assert np.isnan(np.asarray(none[0])).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from spectrax import attention_maps, checkpoint, train
-from spectrax.config_lib import (spectrafm_fe_100, spectrafm_mlp_fe_100, spectrafm_pretrain)
+from spectrax.config_lib import load
 from spectrax.data import mixture
 from spectrax.models import spectrafm as fm
 from spectrax.spectra import batch_from_arrays
@@ -72,12 +72,17 @@ def test_task_predicts_all_nan_spectrum_as_nan_and_counts_chunks():
     out = jax.jit(lambda b: task.predict(model, b))(batch.for_device())
     assert np.all(np.isfinite(out["pred"][0])) and np.all(np.isnan(out["pred"][1]))
     # Chunk average by hand for star 0: three forward passes on the permuted pixels.
-    z, ok = task._standardised(batch)
-    pred_std, _ = fm.chunked_predict(
-        lambda v, w, t, r: model(v, w, t, r), np.where(ok, z, np.nan)[:1],
-        np.asarray(batch.wavelength[:1]), np.where(ok, 1, 0)[:1].astype(np.int32),
-        np.array([model.cfg.label_token_ids["TEFF"]]), chunk=16)
-    assert out["pred"][0, 0] == pytest.approx(pred_std[0] * 500.0 + 4700.0, rel=1e-5)
+    z, ok = (np.asarray(a) for a in task._standardised(batch))
+    order = fm.chunk_permutation(length)
+    teff = np.array([model.cfg.label_token_ids["TEFF"]], np.int32)
+    preds = []
+    for c in range(3):
+        sel = order[c * 16:(c + 1) * 16]
+        pad = ((0, 0), (0, 16 - sel.size))
+        pred, _ = model(np.pad(z[:1, sel], pad), np.pad(np.asarray(batch.wavelength)[:1, sel], pad),
+                        np.pad(np.where(ok[:1, sel], 1, 0).astype(np.int32), pad), teff)
+        preds.append(float(pred[0]))
+    assert out["pred"][0, 0] == pytest.approx(np.mean(preds) * 500.0 + 4700.0, rel=1e-5)
     loss, _ = task.loss(model, batch, train=False)
     assert np.isfinite(float(loss))
 
@@ -100,13 +105,13 @@ def _flat(tree):
 
 def test_staged_fine_tune_freezes_blocks_bitwise_and_reuses_statistics(tmp_path):
     pre, fe = tmp_path / "pre", tmp_path / "fe"
-    c = _tiny(spectrafm_pretrain("variant=tiny"), tmp_path, 3)
+    c = _tiny(load("configs/spectrafm_pretrain.py", "variant=tiny"), tmp_path, 3)
     # The tiny model's context is 16 tokens: chunked evaluation of all 7514 pixels would be
     # 470 chunks per label, so the test pre-trains on the Fe window only.
     c.task_kwargs.pixel_range = (4107, 4619)
     res = train.train(c.lock(), pre)
     assert "FE_H_scatter" in res and "TEFF_sigma_median" in res
-    c = _tiny(spectrafm_fe_100("variant=tiny"), tmp_path, 3, train_limit=10)
+    c = _tiny(load("configs/spectrafm_fe_100.py", "variant=tiny"), tmp_path, 3, train_limit=10)
     c.init.from_workdir = str(pre)
     res = train.train(c.lock(), fe)
     assert {"FE_H_rmse", "FE_H_rmse_iron_poor", "FE_H_rmse_iron_rich"} <= set(res)
@@ -133,6 +138,6 @@ def test_staged_fine_tune_freezes_blocks_bitwise_and_reuses_statistics(tmp_path)
 
 
 def test_mlp_baseline_config_runs(tmp_path):
-    c = _tiny(spectrafm_mlp_fe_100(""), tmp_path, 3, train_limit=10)
+    c = _tiny(load("configs/spectrafm_mlp_fe_100.py", ""), tmp_path, 3, train_limit=10)
     res = train.train(c.lock(), tmp_path / "mlp")
     assert "FE_H_rmse_iron_poor" in res and np.isfinite(res["FE_H_rmse"])

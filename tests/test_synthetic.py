@@ -163,7 +163,8 @@ def test_continuum_signal_to_noise(noisy):
     if sample == "bgs":
         assert 1.0 < snr < 5.0
     else:
-        assert snr < 1.0 and np.mean(d["snr"] < 1.0) > 0.9
+        # ELG continua sit below S/N 1 per pixel (calibrated on the real dark-time coadds)
+        assert snr < 1.0 and np.mean(d["snr"] < 1.0) > 0.8
 
 
 def test_ivar_matches_scatter(noisy):
@@ -271,11 +272,17 @@ def test_balmer_decrement_follows_dust(bgs_noiseless):
 def test_line_flux_is_conserved_on_grid(bgs_noiseless):
     d = bgs_noiseless
     emission = d["model"] - d["continuum"]
-    inside = (d["z"] > 0.06) & (d["z"] < 0.44)  # every line and its window on the grid
-    total = emission.sum(1) * DESI_WAVE_STEP
-    assert inside.sum() > 100
-    assert np.allclose(total[inside], d["line_flux"][inside].sum(1), rtol=1e-4)
     names = list(syn.EMISSION_LINES)
+    rest = np.array([syn.EMISSION_LINES[k] for k in names])
+    obs = rest[None] * (1 + d["z"][:, None])
+    # lines whose whole window (±30 Å) lies on the grid; the others must be entirely off it
+    on = (obs > WAVE[0] + 30) & (obs < WAVE[-1] - 30)
+    off = (obs < WAVE[0] - 30) | (obs > WAVE[-1] + 30)
+    clean = (on | off).all(1)
+    total = emission.sum(1) * DESI_WAVE_STEP
+    assert clean.sum() > 100
+    expect = (d["line_flux"] * on).sum(1)
+    assert np.allclose(total[clean], expect[clean], rtol=1e-4)
     lf = d["line_flux"]
     assert np.allclose(lf[:, names.index("OIII_5008")] / lf[:, names.index("OIII_4960")],
                        2.98 * _dust_ratio(d, "OIII_5008", "OIII_4960"))
@@ -289,9 +296,14 @@ def test_d4000_separates_passive_and_star_forming(bgs_noiseless):
     passive = d["passive"]
     assert passive.sum() > 50 and (~passive).sum() > 50
     assert np.median(d["d4000"][passive]) > 1.8
-    assert np.percentile(d["d4000"][passive], 5) > 1.6
-    assert np.median(d["d4000"][~passive]) < 1.35
-    assert np.percentile(d["d4000"][~passive], 95) < np.percentile(d["d4000"][passive], 5)
+    # post-starbursts (quenched after a recent burst) are passive with a weaker break
+    old = passive & ~d["burst"]
+    assert np.percentile(d["d4000"][old], 5) > 1.6
+    assert np.median(d["d4000"][~passive]) < 1.5
+    assert np.percentile(d["d4000"][~passive], 90) < np.percentile(d["d4000"][old], 10)
+    # the narrow index's bimodality (Kauffmann et al. 2003: peaks near 1.3 and 1.9)
+    assert 1.15 < np.median(d["dn4000"][~passive]) < 1.4
+    assert 1.75 < np.median(d["dn4000"][old]) < 2.2
 
 
 def test_d4000_truth_matches_observed_continuum(bgs_noiseless):
@@ -313,7 +325,9 @@ def test_emission_equivalent_widths_in_range(noisy):
         ew_obs = d["halpha_ew"][sf]
         assert 5 <= np.median(ew_obs) <= 200
     else:
-        assert np.all((d["oii_ew"] > 9.9) & (d["oii_ew"] < 100.1))
+        # SPS + Cloudy: the EW follows from the star-formation history (no drawn EW any more)
+        assert np.all((d["oii_ew"] > 5) & (d["oii_ew"] < 400))
+        assert 20 < np.median(d["oii_ew"]) < 120
         assert np.all(d["oii_flux"] > 0.5) and np.median(d["oii_flux"]) < 30
 
 

@@ -154,14 +154,20 @@ def test_refine_from_nearby_candidates_equals_the_full_fit(bgs):
                               test["mask"][rows], test["wavelength"], cands, chunk=CHUNK)
     # The same χ² minimum, sampled on a grid offset by a fraction of a step: the redshifts agree
     # far below the fit's own NMAD (6e-5) and, where the χ² surface has one clean minimum, the
-    # χ² values within 1 (statistically the same point: χ² + 1 is the 1σ contour). Measured: 56
-    # of 64 within 1; the others are ragged surfaces (e.g. a catastrophic failure of both fits)
-    # where the offset window settles in a neighbouring local minimum a few steps away.
+    # χ² values within 1 (statistically the same point: χ² + 1 is the 1σ contour). Measured on
+    # the SPS simulator (SIM_VERSION 3): 56 of 64 within 1, median |Δz|/(1+z) 2.5e-6; the others
+    # are ragged surfaces where the offset window settles in a neighbouring local minimum a few
+    # steps away. One spectrum of 64 (S/N 2.7) has a χ² valley so flat that the window's edge
+    # is lower than the full fit's minimum (by 0.4): the refinement does not bracket it and says
+    # so (window_edge, ZWARN BAD_MINFIT) instead of reporting it as a clean minimum.
     dz = np.abs(out["z"] - ref["z"][rows]) / (1 + ref["z"][rows])
-    assert np.median(dz) < 1e-5 and dz.max() < 1.5e-4
+    edge = out["window_edge"]
+    assert np.median(dz) < 1e-5 and dz[~edge].max() < 1.5e-4
+    assert edge.sum() <= 2 and np.all(out["zwarn"][edge] & tf.ZWARN_BAD_MINFIT)
+    assert np.all(out["chi2"][edge] <= ref["chi2"][rows][edge] + 1.0)
     dchi = np.abs(out["chi2"] - ref["chi2"][rows])
     assert np.median(dchi) < 0.3 and np.mean(dchi < 1.0) >= 0.8
-    assert np.all(out["delta_chi2"] > 0) and not out["window_edge"].any()
+    assert np.all(out["delta_chi2"] > 0)
     # Order of the candidates does not matter; a lone candidate has no runner-up.
     swapped = tf.refine_redshifts(templates, test["flux"][rows], test["ivar"][rows],
                                   test["mask"][rows], test["wavelength"], cands[:, ::-1],

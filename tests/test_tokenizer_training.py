@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, train
-from spectrax.config_lib import tokenizer_adapt, tokenizer_pretrain
-from spectrax.data import mixture, pipeline, shards, survey_grids
+from spectrax.config_lib import load
+from spectrax.data import grids, mixture, pipeline, shards, survey_grids
 from spectrax.spectra import SpectrumError
 
 
@@ -50,7 +50,7 @@ def test_bucketed_batches_hold_one_bucket_each_and_resume_exactly(tmp_path):
     lengths = [40] * 12 + [100] * 12
     _write(tmp_path, lengths)
     kw = dict(batch_size=4, seed=3, buckets=(64, 128), num_threads=1)
-    it = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    it = pipeline.train_iterator(str(tmp_path), **kw)
     seen = []
     for _ in range(12):  # two epochs
         b = next(it)
@@ -61,21 +61,21 @@ def test_bucketed_batches_hold_one_bucket_each_and_resume_exactly(tmp_path):
     assert {len(x) for x in seen} == {4}
     assert sorted(sum(seen[:6], [])) == list(range(24)), "an epoch sees every spectrum once"
     assert seen[:6] != seen[6:12], "each epoch reshuffles"
-    it = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    it = pipeline.train_iterator(str(tmp_path), **kw)
     for _ in range(5):
         next(it)
     state = it.get_state()
-    again = pipeline.bucketed_train_iterator(str(tmp_path), **kw)
+    again = pipeline.train_iterator(str(tmp_path), **kw)
     again.set_state(state)
     assert [next(again).ids.tolist() for _ in range(4)] == seen[5:9]
 
 
 def test_processes_get_disjoint_rows_of_the_same_bucket(tmp_path):
     _write(tmp_path, [40] * 8 + [100] * 8)
-    glob = pipeline.bucketed_train_iterator(str(tmp_path), batch_size=4, seed=0,
+    glob = pipeline.train_iterator(str(tmp_path), batch_size=4, seed=0,
                                             buckets=(64, 128), num_threads=1,
                                             process_index=0, process_count=1)
-    parts = [pipeline.bucketed_train_iterator(str(tmp_path), batch_size=2, seed=0,
+    parts = [pipeline.train_iterator(str(tmp_path), batch_size=2, seed=0,
                                               buckets=(64, 128), num_threads=1,
                                               process_index=p, process_count=2) for p in (0, 1)]
     for _ in range(4):
@@ -87,9 +87,9 @@ def test_processes_get_disjoint_rows_of_the_same_bucket(tmp_path):
 
 def test_bucketed_eval_sees_every_spectrum_once(tmp_path):
     _write(tmp_path, [40] * 5 + [100] * 3, split="test")
-    batches = list(pipeline.bucketed_eval_batches(str(tmp_path), "test", batch_size=4,
+    batches = list(pipeline.eval_batches(str(tmp_path), "test", batch_size=4,
                                                   buckets=(64, 128)))
-    assert len(batches) == pipeline.num_bucketed_eval_batches(str(tmp_path), "test", 4,
+    assert len(batches) == pipeline.num_eval_batches(str(tmp_path), "test", 4,
                                                               (64, 128)) == 3
     ids = np.concatenate([b.ids[b.valid] for b in batches])
     assert sorted(ids.tolist()) == list(range(8))
@@ -104,7 +104,7 @@ def test_bucketed_eval_sees_every_spectrum_once(tmp_path):
 def test_grid_descriptors_reproduce_native_grids(wave):
     desc = mixture.describe_grid(wave)
     assert desc is not None
-    np.testing.assert_allclose(shards.grid_array(desc), wave, rtol=1e-9)
+    np.testing.assert_allclose(grids.grid_array(desc), wave, rtol=1e-9)
 
 
 def test_record_with_grid_descriptor_round_trips(tmp_path):
@@ -119,7 +119,7 @@ def test_record_with_grid_descriptor_round_trips(tmp_path):
 
 def test_unknown_grid_kind_names_the_descriptor():
     with pytest.raises(SpectrumError, match="unknown kind 'spline'"):
-        shards.grid_array({"kind": "spline", "n": 3})
+        grids.grid_array({"kind": "spline", "n": 3})
 
 
 # --- the mixture ---------------------------------------------------------------------------------
@@ -156,14 +156,14 @@ def _small(c, tmp_path, steps):
 
 def test_pretrain_then_frozen_adaptation(tmp_path):
     pre_dir, cls_dir, st_dir = tmp_path / "pre", tmp_path / "cls", tmp_path / "stellar"
-    c = _small(tokenizer_pretrain("variant=tiny"), tmp_path, 4).lock()
+    c = _small(load("configs/tokenizer_pretrain.py", "variant=tiny"), tmp_path, 4).lock()
     res = train.train(c, pre_dir)
     per_survey = [k for k in res if k.startswith("nll_per_pixel_")]
     assert {"nll_per_pixel_sdss", "nll_per_pixel_apogee"} <= set(per_survey)
     assert res["bucketing"]["buckets"] == [4608, 7808]
     assert (pre_dir / "reconstructions_apogee.png").exists()
 
-    c = _small(tokenizer_adapt("classify", "variant=tiny"), tmp_path, 4)
+    c = _small(load("configs/tokenizer_classify.py", "variant=tiny"), tmp_path, 4)
     c.init.from_workdir = str(pre_dir)
     res = train.train(c.lock(), cls_dir)
     assert {"accuracy", "macro_f1", "recall_QSO"} <= set(res)
@@ -182,7 +182,7 @@ def test_pretrain_then_frozen_adaptation(tmp_path):
     assert biases and any(np.abs(b).max() > 0 for b in biases), \
         "the head trains (its zero-initialised biases moved)"
 
-    c = _small(tokenizer_adapt("stellar", "variant=tiny"), tmp_path, 4)
+    c = _small(load("configs/tokenizer_stellar.py", "variant=tiny"), tmp_path, 4)
     c.init.from_workdir = str(pre_dir)
     res = train.train(c.lock(), st_dir)
     assert {"teff_scaled_mad", "logg_scaled_mad", "feh_scaled_mad"} <= set(res)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, train
-from spectrax.config_lib import specpt_autoencoder, specpt_redshift
+from spectrax.config_lib import load
 from spectrax.sharding import make_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path, *, stage="autoencoder", steps=6, **data):
     """A seconds-long run on a few hundred simulated spectra with the 'tiny' model."""
-    c = (specpt_autoencoder if stage == "autoencoder" else specpt_redshift)("bgs", "variant=tiny")
+    name = "specpt_bgs" if stage == "autoencoder" else "specpt_redshift_bgs"
+    c = load(f"configs/{name}.py", "variant=tiny")
     c.unlock()
     c.data.n_train, c.data.n_val, c.data.n_test = 96, 16, 24
     c.data.cache_dir = str(tmp_path.parent / "spectrax-test-data")
@@ -96,7 +97,7 @@ def test_pretrained_encoder_is_copied_exactly(tmp_path):
 def test_pretrained_from_other_architecture_lists_mismatches(tmp_path):
     ae_dir = tmp_path / "ae"
     train.train(tiny_config(tmp_path, steps=2), ae_dir)
-    zc = specpt_redshift("bgs", "variant=tokens")
+    zc = load("configs/specpt_redshift_bgs.py", "variant=tokens")
     trainer = train.Trainer(zc, make_mesh(), 1)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
         train.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
@@ -105,7 +106,7 @@ def test_pretrained_from_other_architecture_lists_mismatches(tmp_path):
 def test_restoring_into_a_different_architecture_fails_clearly(tmp_path):
     ae_dir = tmp_path / "ae"
     train.train(tiny_config(tmp_path, steps=2), ae_dir)
-    other = specpt_autoencoder("bgs", "variant=tokens")
+    other = load("configs/specpt_bgs.py", "variant=tokens")
     trainer = train.Trainer(other, make_mesh(), 1)
     ck = checkpoint.Checkpointer(ae_dir)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="shape differs"):
@@ -242,19 +243,22 @@ def test_dry_run_prints_the_paper_count():
 @pytest.mark.parametrize("variant,total", [("paper_text", 77_103_617),
                                            ("paper_count", 74_016_257)])
 def test_dry_run_redshift_heads(variant, total):
-    counts = train.dry_run(specpt_redshift("bgs", f"variant={variant}"))
+    counts = train.dry_run(load("configs/specpt_redshift_bgs.py", f"variant={variant}"))
     assert counts["total"] == total
 
 
-def test_import_sets_the_xla_cpu_flag_unless_the_user_chose():
+def test_configure_sets_the_xla_cpu_flag_unless_the_user_chose_and_import_does_not():
     import subprocess
     import sys
-    code = "import os, spectrax; print(os.environ.get('XLA_FLAGS', ''))"
+    show = "import os; print(os.environ.get('XLA_FLAGS', ''))"
+    code = f"import spectrax.runtime; spectrax.runtime.configure(); {show}"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",
                                                               "SPECTRAX_KEEP_XLA_FLAGS")}
-    run = lambda **extra: subprocess.run([sys.executable, "-c", code],  # noqa: E731
-                                         env={**env, **extra}, capture_output=True, text=True,
-                                         timeout=120).stdout.strip()
+    run = lambda code=code, **extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+        timeout=120).stdout.strip()
+    # importing spectrax (and its training module) changes nothing process-wide
+    assert run(f"import spectrax, spectrax.train; {show}") == ""
     from importlib import metadata
     if metadata.version("jaxlib").startswith("0.10."):
         assert run() == "--xla_cpu_experimental_ynn_fusion_type="
@@ -263,3 +267,24 @@ def test_import_sets_the_xla_cpu_flag_unless_the_user_chose():
     assert run(SPECTRAX_KEEP_XLA_FLAGS="1") == ""
     mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert run(XLA_FLAGS=mine) == mine
+
+
+def test_parse_arg_reads_booleans_and_refuses_unknown_keys():
+    from spectrax.config_lib import parse_arg
+    assert parse_arg("flag=False", flag=True).flag is False  # bool("False") would be True
+    assert parse_arg("flag=1,steps=5", flag=False, steps=0).to_dict() == {"flag": True, "steps": 5}
+    with pytest.raises(ValueError, match="true or false"):
+        parse_arg("flag=maybe", flag=True)
+    with pytest.raises(ValueError, match="unknown config argument"):
+        parse_arg("nope=1", flag=True)
+
+
+def test_every_config_file_is_a_complete_experiment():
+    """Each configs/*.py builds a locked config with data, model, task and optimiser set."""
+    from spectrax.config_lib import load
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        c = load(path)
+        assert c.name and c.task and c.model.name and c.optim.lr > 0, path
+        assert c.data.simulator or c.data.path, path
+        with pytest.raises(AttributeError):
+            c.no_such_key = 1  # locked: a misspelt override is an error

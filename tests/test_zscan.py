@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -204,20 +205,29 @@ def test_zwarn_bits_are_redrocks():
 
 
 # --- end to end through the training loop -------------------------------------------------
-def test_zscan_trains_and_reports_redrock_columns(tmp_path):
-    from spectrax import checkpoint, train
-    from spectrax.config_lib import specpt_redshift
-    from spectrax.predict import Predictor
-    from spectrax.data import pipeline
-    c = specpt_redshift("bgs", "variant=zscan_tiny")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(config, run directory, train result) of a 4-step zscan_tiny run on 136 simulated
+    spectra, shared by the end-to-end tests below."""
+    from spectrax import train
+    from spectrax.config_lib import load
+    tmp = tmp_path_factory.mktemp("zscan")
+    c = load("configs/specpt_redshift_bgs.py", "variant=zscan_tiny")
     c.unlock()
     c.data.n_train, c.data.n_val, c.data.n_test = 96, 16, 24
-    c.data.cache_dir = str(tmp_path.parent / "spectrax-test-data")
+    c.data.cache_dir = str(tmp / "data")
     c.num_steps, c.batch_size, c.eval_batch_size = 4, 8, 16
     c.log_every, c.ckpt_every, c.optim.warmup_steps, c.num_figures = 2, 4, 1, 1
     c.lock()
-    run = tmp_path / "z"
-    result = train.train(c, run)
+    run = tmp / "z"
+    return c, run, train.train(c, run)
+
+
+def test_zscan_trains_and_reports_redrock_columns(tiny_run):
+    from spectrax import checkpoint
+    from spectrax.data import pipeline
+    from spectrax.inference import InferenceModel
+    c, run, result = tiny_run
     for key in ("nmad", "eta", "success", "zerr_coverage", "zwarn0_frac"):
         assert np.isfinite(result[key]), key
     assert "zerr_coverage" in result["success_by_snr"][-1]
@@ -227,9 +237,8 @@ def test_zscan_trains_and_reports_redrock_columns(tmp_path):
     lo, hi = meta["task_state"]["z_train_range"]
     assert 0.02 <= lo < hi <= 0.6
 
-    predictor = Predictor.from_checkpoint(c, run)
-    data_dir = next(p for p in (tmp_path.parent / "spectrax-test-data").iterdir()
-                    if "partial" not in p.name)
+    predictor = InferenceModel.from_checkpoint(c, run)
+    data_dir = next(p for p in Path(c.data.cache_dir).iterdir() if "partial" not in p.name)
     batch = next(iter(pipeline.eval_batches(str(data_dir), "test", batch_size=8)))
     out = predictor(batch)
     cols = predictor.task.catalogue(out)
@@ -241,7 +250,8 @@ def test_zscan_trains_and_reports_redrock_columns(tmp_path):
     assert np.all(predictor(empty)["zwarn"] & redshift.ZWarn.NODATA)
     task = predictor.task
     task.z_train_range = (0.5, 0.6)
-    zw = np.asarray(jax.jit(lambda st, b: task.predict(predictor.trainer.model(st), b))(
+    zw = np.asarray(jax.jit(lambda st, b: task.predict(predictor.model(st), b))(
         predictor.state, batch)["zwarn"])
     outside = (out["z_pred"] < 0.5) | (out["z_pred"] > 0.6)
     np.testing.assert_array_equal((zw & redshift.ZWarn.OUTSIDE_TRAINED_RANGE) != 0, outside)
+

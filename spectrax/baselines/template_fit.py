@@ -90,6 +90,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 
+from spectrax import runtime
+
 C_KMS = 299_792.458
 DEFAULT_DLOG = 1e-4           # ln-λ step of the rest grid and of the fine z scan (30 km/s)
 SMALL_DELTA_CHI2 = 9.0        # Redrock's threshold for its SMALL_DELTA_CHI2 warning
@@ -961,6 +963,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure()  # XLA:CPU flag and log levels, before any computation
     from absl import app
 
     _define_flags()

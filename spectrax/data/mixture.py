@@ -15,7 +15,7 @@ STAR         :mod:`spectrax.data.sim_stars` (optical; APOGEE H)     every survey
 
 Every record carries the label columns :data:`LABELS` (NaN where a label does not apply:
 no Teff for a galaxy) and its wavelength grid as a compact descriptor
-(:func:`spectrax.data.shards.grid_array`), so SDSS spectra of ~4000 pixels and APOGEE spectra of
+(:func:`spectrax.data.grids.grid_array`), so SDSS spectra of ~4000 pixels and APOGEE spectra of
 7514 pixels sit in one shard directory, each on its own grid. GALAH-like spectra use
 :data:`GALAH_PIXELS_PER_CCD` pixels per CCD (real GALAH: 4096) so CPU runs stay tractable; the
 four CCD windows are the real ones.
@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from spectrax.data import grids, sim_galaxies, sim_quasars, sim_stars, synthetic
 from spectrax.data import survey_grids as sg
 from spectrax.spectra import CLASS_IDS, SURVEY_IDS
 
@@ -90,7 +91,7 @@ def mixture(name: str) -> tuple[Component, ...]:
 # Grid descriptors
 # ------------------------------------------------------------------------------------------------
 def describe_grid(wave: np.ndarray) -> dict | None:
-    """A :func:`spectrax.data.shards.grid_array` descriptor reproducing ``wave`` to 1e-9
+    """A :func:`spectrax.data.grids.grid_array` descriptor reproducing ``wave`` to 1e-9
     relative, or None (then the array itself is stored). Handles linear, log-linear and gapped
     (CCDs, chips) grids."""
     wave = np.asarray(wave, np.float64)
@@ -99,8 +100,7 @@ def describe_grid(wave: np.ndarray) -> dict | None:
     if any(d is None for d in descs):
         return None
     desc = descs[0] if len(descs) == 1 else {"kind": "segments", "segments": descs}
-    from spectrax.data.shards import grid_array
-    return desc if np.allclose(grid_array(desc), wave, rtol=1e-9, atol=0) else None
+    return desc if np.allclose(grids.grid_array(desc), wave, rtol=1e-9, atol=0) else None
 
 
 def _describe_segment(w: np.ndarray) -> dict | None:
@@ -143,8 +143,6 @@ def _chunk_grid(survey: str, seed: int, chunk_index: int) -> np.ndarray:
 
 def _simulate_chunk(comp: Component, seed: int, start: int, n: int, chunk_index: int) -> dict:
     """Rows [start, start + n) of one component as arrays + per-row grids."""
-    from spectrax.data import sim_galaxies, sim_quasars, sim_stars, synthetic
-
     survey, cls = comp.survey, comp.cls
     if survey == "apogee":
         if cls != "STAR":
@@ -154,7 +152,7 @@ def _simulate_chunk(comp: Component, seed: int, start: int, n: int, chunk_index:
         return {"flux": d["flux"], "ivar": d["ivar"], "mask": d["mask"],
                 "wavelength": d["wavelength"], "labels": labels, "id": d["id"]}
     if survey == "desi" and cls == "GALAXY":
-        d = synthetic._simulate_rows(start, start + n, "bgs", seed, 256, False, False)
+        d = synthetic.desi_galaxy_rows(start, start + n, "bgs", seed)
         return {"flux": d["flux"], "ivar": d["ivar"], "mask": d["mask"],
                 "wavelength": sg.desi_wavelength(), "id": d["id"],
                 "labels": _labels(n, survey, cls, z=d["z"])}
@@ -177,33 +175,42 @@ def _simulate_chunk(comp: Component, seed: int, start: int, n: int, chunk_index:
             "labels": labels, "id": d["id"]}
 
 
+def num_chunks(name: str, n: int, chunk: int = CHUNK) -> int:
+    """Round-robin chunk indices of an ``n``-spectrum sample of mixture ``name``."""
+    return max((-(-c // chunk) for c in component_counts(name, n)), default=0)
+
+
+def mixture_chunk(name: str, n: int, seed: int, c: int, chunk: int = CHUNK) -> list[dict]:
+    """The shard records of round-robin chunk index ``c`` of an ``n``-spectrum sample: chunk
+    ``c`` of every component that has one (component order), each record with flux, ivar,
+    mask, a grid descriptor (or wavelength), labels [len(LABELS)] and an id unique within the
+    sample (component index × 10^12 + the simulator's id modulo 10^12). Depends only on
+    (name, n, seed, c): chunks can be simulated in any order, by any worker."""
+    records = []
+    for k, (comp, count) in enumerate(zip(mixture(name), component_counts(name, n))):
+        start = c * chunk
+        if start >= count:
+            continue
+        m = min(chunk, count - start)
+        d = _simulate_chunk(comp, seed * 100 + k, start, m, c)
+        desc = describe_grid(d["wavelength"])
+        for i in range(m):
+            rec = {"flux": d["flux"][i], "ivar": d["ivar"][i], "mask": d["mask"][i],
+                   "labels": d["labels"][i],
+                   "id": np.int64((k + 1) * 10**12 + int(d["id"][i]) % 10**12)}
+            if desc is not None:
+                rec["grid"] = desc
+            else:
+                rec["wavelength"] = d["wavelength"]
+            records.append(rec)
+    return records
+
+
 def iter_mixture(name: str, n: int, seed: int = 0, chunk: int = CHUNK) -> Iterator[list[dict]]:
-    """Yields the ``n`` spectra of mixture ``name`` as lists of shard records (dicts with
-    flux, ivar, mask, grid descriptor or wavelength, labels [len(LABELS)], id), one chunk of
-    one component at a time, the components' chunks interleaved round-robin. Ids are unique
-    within the sample (component index × 10^12 + the simulator's id modulo 10^12)."""
-    comps = mixture(name)
-    counts = component_counts(name, n)
-    starts = [list(range(0, c, chunk)) for c in counts]
-    for c in range(max((len(s) for s in starts), default=0)):
-        for k, comp in enumerate(comps):
-            if c >= len(starts[k]):
-                continue
-            start = starts[k][c]
-            m = min(chunk, counts[k] - start)
-            d = _simulate_chunk(comp, seed * 100 + k, start, m, c)
-            desc = describe_grid(d["wavelength"])
-            records = []
-            for i in range(m):
-                rec = {"flux": d["flux"][i], "ivar": d["ivar"][i], "mask": d["mask"][i],
-                       "labels": d["labels"][i],
-                       "id": (k + 1) * 10**12 + int(d["id"][i]) % 10**12}
-                if desc is not None:
-                    rec["grid"] = desc
-                else:
-                    rec["wavelength"] = d["wavelength"]
-                records.append(rec)
-            yield records
+    """Yields the ``n`` spectra of mixture ``name`` as lists of shard records, one round-robin
+    chunk index at a time (:func:`mixture_chunk`)."""
+    for c in range(num_chunks(name, n, chunk)):
+        yield mixture_chunk(name, n, seed, c, chunk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,20 +224,24 @@ def apogee_label_names() -> list[str]:
     return list(APOGEE_LABELS) + [f"{n}_ERR" for n in APOGEE_LABELS]
 
 
-def iter_apogee(name: str, n: int, seed: int = 0, chunk: int = CHUNK) -> Iterator[list[dict]]:
-    """Records of ``n`` simulated APOGEE stars (:func:`spectrax.data.sim_stars.simulate_apogee_stars`)
-    in version ``APOGEE_SETS[name]``: normalised flux, ivar, mask, the 7514-pixel grid as a
-    descriptor, labels :func:`apogee_label_names`. The same (n, seed) gives the same stars (same
-    labels) in both versions: the synthetic gap of SpectraFM's paper."""
-    from spectrax.data import sim_stars
-
+def apogee_rows(name: str, seed: int, start: int, stop: int) -> list[dict]:
+    """Records of stars ``[start, stop)`` of APOGEE set ``name``
+    (:func:`spectrax.data.sim_stars.simulate_apogee_stars` in version ``APOGEE_SETS[name]``):
+    normalised flux, ivar, mask, the 7514-pixel grid as a descriptor, labels
+    :func:`apogee_label_names`. The same (seed, row) gives the same star (same labels) in both
+    versions: the synthetic gap of SpectraFM's paper."""
     if name not in APOGEE_SETS:
         raise ValueError(f"unknown APOGEE set {name!r}; known: {sorted(APOGEE_SETS)}")
     desc = describe_grid(sg.apogee_wavelength())
+    d = sim_stars.simulate_apogee_stars(stop - start, seed, start=start,
+                                        version=APOGEE_SETS[name])
+    labels = np.stack([d[k] for k in APOGEE_LABELS]
+                      + [d[f"{k}_ERR"] for k in APOGEE_LABELS], 1).astype(np.float32)
+    return [{"flux": d["flux"][i], "ivar": d["ivar"][i], "mask": d["mask"][i], "grid": desc,
+             "labels": labels[i], "id": np.int64(d["id"][i])} for i in range(stop - start)]
+
+
+def iter_apogee(name: str, n: int, seed: int = 0, chunk: int = CHUNK) -> Iterator[list[dict]]:
+    """Records of ``n`` simulated APOGEE stars, ``chunk`` at a time (:func:`apogee_rows`)."""
     for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        d = sim_stars.simulate_apogee_stars(m, seed, start=start, version=APOGEE_SETS[name])
-        labels = np.stack([d[k] for k in APOGEE_LABELS]
-                          + [d[f"{k}_ERR"] for k in APOGEE_LABELS], 1).astype(np.float32)
-        yield [{"flux": d["flux"][i], "ivar": d["ivar"][i], "mask": d["mask"][i], "grid": desc,
-                "labels": labels[i], "id": int(d["id"][i])} for i in range(m)]
+        yield apogee_rows(name, seed, start, min(start + chunk, n))

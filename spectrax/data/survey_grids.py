@@ -23,11 +23,13 @@ The line-spread function of every instrument is modelled as a Gaussian of
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
 
 from spectrax.data.grids import desi_wavelength
+from spectrax.data.synthetic import instrument
 
 __all__ = [
     "APOGEE_CHIPS", "APOGEE_NPIX", "FWHM_TO_SIGMA", "GALAH_CCDS", "LAMOST_LOGLAM_STEP",
@@ -190,7 +192,6 @@ def _r_sdss(wave: np.ndarray) -> np.ndarray:
 
 def _r_desi(wave: np.ndarray) -> np.ndarray:
     """The galaxy simulator's DESI R (throughput-weighted b/r/z ramps), interpolated."""
-    from spectrax.data.synthetic import instrument  # lazy: builds (and caches) the DESI model
     inst = instrument()
     return np.interp(np.asarray(wave, np.float64), inst.wave, inst.resolution)
 
@@ -277,3 +278,16 @@ def get_survey(name: str) -> SurveyInstrument:
     if key not in SURVEYS:
         raise ValueError(f"unknown survey {name!r}; expected one of {tuple(SURVEYS)}")
     return SURVEYS[key]
+
+
+@functools.lru_cache(maxsize=None)
+def union_grid(survey: str) -> np.ndarray:
+    """The survey-wide grid [L] (Å) that contains every per-spectrum grid the survey's
+    ``wavelength(rng)`` can draw (SDSS/BOSS and LAMOST slices; other surveys have one grid)."""
+    if survey == "sdss":
+        k1 = int(np.floor(np.log10(_BOSS_END[1]) / SDSS_LOGLAM_STEP))
+        return _loglam_grid(_BOSS_K0, k1, SDSS_LOGLAM_STEP)
+    if survey == "lamost":
+        return _loglam_grid(_LAMOST_K0 - 3, _LAMOST_K0 + 3 + _LAMOST_NPIX - 1,
+                            LAMOST_LOGLAM_STEP)
+    return get_survey(survey).wavelength(None)

@@ -1,4 +1,4 @@
-"""Simulated DESI-like galaxy spectra: the embedded default data of spectrax.
+"""Simulated DESI galaxy spectra: the embedded default data of spectrax.
 
 Everything is numpy (no jax) and deterministic from ``(seed, sample)``. Spectra are drawn in
 blocks of :data:`BLOCK` rows whose random streams come from
@@ -6,67 +6,68 @@ blocks of :data:`BLOCK` rows whose random streams come from
 ``(seed, sample, i)``: any chunking or batching gives the same bytes, and the first ``m`` rows
 of ``n`` spectra equal ``m`` spectra.
 
-Physics model (vacuum wavelengths in Å; flux densities in 1e-17 erg/s/cm²/Å; line fluxes in
-1e-17 erg/s/cm²; velocities in km/s):
+Units: vacuum wavelengths in Å; flux densities in 1e-17 erg/s/cm²/Å (the DESI coadd unit);
+line fluxes in 1e-17 erg/s/cm²; velocities in km/s; effective times in s.
 
-Grid and redshift
-  The observed grid is the merged DESI coadd grid (3600–9824 Å, 0.8 Å, 7781 px,
-  :func:`spectrax.data.grids.desi_wavelength`). Everything is evaluated directly on it:
-  λ_obs = λ_rest (1+z). ``bgs``: p(z) ∝ z² exp(−(z/0.19)^1.5) on 0.02–0.6 (peak 0.23).
-  ``elg``: split normal with mode 0.85, σ 0.12 below and 0.35 above, on 0.6–1.6.
+Galaxies (:mod:`spectrax.data.galaxy_pop`, :mod:`spectrax.data.sps`)
+  Stellar population synthesis: a star-formation history (delayed-τ, with bursts, quenching
+  and post-starbursts) integrated over the Bruzual & Charlot (2003) SSPs computed with the
+  MILES stellar library at the galaxy's metallicity; nebular lines and continuum from the
+  Cloudy grids of the stars formed in the last 10 Myr, at the galaxy's ionisation parameter;
+  Calzetti (2000) dust (stars 0.44 × the nebular E(B−V)); stellar velocity dispersion and the
+  DESI resolution applied per pixel (precomputed broadening levels); gas lines as Gaussians of
+  σ_gas ⊕ instrument ⊕ pixel evaluated at pixel centres (line flux conserved). Quiescent
+  galaxies carry weak LINER-like emission. The rest-frame model is redshifted onto the merged
+  DESI coadd grid (3600–9824 Å, 0.8 Å, 7781 px, :func:`spectrax.data.grids.desi_wavelength`)
+  and scaled so its mean over observed 5600–6900 Å is the flux of the drawn spectroscopic r
+  magnitude (``rmag``; the DESI coadd is calibrated for a point source, so a galaxy's spectrum
+  holds its fibre flux / 0.78 — Δ below).
 
-Stellar continuum (rest frame, smooth part)
-  Two old templates (blackbody 4600 K times a logistic 4000 Å break, width 15 Å, tuned so the
-  line-free D4000 is 1.8 and 2.3) and one young template (blackbody 14000 K with a weak
-  break, line-free D4000 ≈ 1.05). A spectrum is ``(1−f_young)·old + f_young·young``, with the
-  old part a per-spectrum mixture of the two old templates; templates are normalised at
-  5500 Å, so f_young is the young fraction of the 5500 Å light. D4000 = <f_ν>(4050–4250) /
-  <f_ν>(3750–3950) (Bruzual 1983 bands).
-
-Stellar absorption
-  Each population carries its own Gaussian optical-depth features, continuum·exp(−τ), with
-  ∫τ dλ equal to the rest equivalent width (×(1+z) observed). Old: Ca II K/H, G band, Mg b
-  triplet, Fe 5270/5335, Na D, Ca II triplet, weak Balmer; strength scaled by a metallicity
-  factor 0.7–1.3. Young: H9…Hα Balmer series and weak Ca II K; strength scaled by a factor
-  0.3–1.5 (post-starburst spectra are at the top). Widths: intrinsic width (1+z) ⊕ stellar
-  velocity dispersion σ* (50–300 km/s) ⊕ instrument ⊕ pixel.
-
-Nebular emission
-  Lines at the rest wavelengths of ``EMISSION_LINES``. One driver line sets the flux scale from
-  its observed rest-frame equivalent width against the smooth attenuated continuum: Hα for
-  ``bgs`` (star-forming 5–200 Å, median 25; passive 0–3 Å with LINER-like ratios), the [OII]
-  doublet for ``elg`` (10–100 Å, median 40). Intrinsic ratios to Hβ: case B Balmer series
-  (Hα/Hβ = 2.86, Hγ 0.468, Hδ 0.259), HeI 0.1, [OIII]5008/Hβ and [NII]6585/Hα drawn on an
-  anticorrelated BPT-like sequence, fixed doublets [OIII] 5008/4960 = 2.98 and [NII]
-  6585/6550 = 3.05, [NeIII] = 0.08·[OIII]5008, [OII] 3729/3726 = 0.35–1.5, [SII] 6718/6733 =
-  0.8–1.4. Gas dispersion σ_gas 30–150 km/s.
-
-Dust
-  Calzetti et al. (2000) curve k(λ), attenuation 10^(−0.4 k E). Lines use the nebular
-  E(B−V) (0–0.5, truth key ``ebv``); the stellar continuum uses 0.44·E(B−V) (Calzetti 2000).
-
-Flux scale
-  The continuum is scaled so its mean over observed 5600–6900 Å equals the flux density of a
-  drawn fibre r magnitude (AB, λ_eff 6250 Å): ``bgs`` 18.0–20.5, ``elg`` 22.0–23.6 (number
-  counts rising to the faint end).
+Populations matched to the DESI samples (published figures; values recalled from the papers —
+no internet here — so only coarse, robust features are matched; :mod:`benchmarks.realism`
+measures each against the simulator)
+  ``bgs`` (Hahn et al. 2023, AJ 165, 253, DESI BGS target selection and SV validation):
+    redshifts p(z) ∝ z² exp(−(z/0.16)^1.5) on 0.02–0.6 (mode 0.19, median 0.22; BGS Bright
+    n(z) peaks near z ≈ 0.2 and has a tail to 0.6); total r < 19.5 (BGS Bright, 80%) and
+    19.5–20.175 (BGS Faint, 20%) with counts d log N / dm = 0.4, spectrum r = total r + Δ, Δ ~
+    N(1.25 − 1.6 z, 0.25) on 0.2–2.0 (fibre losses fall with z); colour bimodality: 40%
+    quiescent, giving a red sequence at rest g − r ≈ 0.75 and a blue cloud at ≈ 0.45
+    (SDSS/GAMA-like bimodality, Blanton & Moustakas 2009, which the BGS shares) and ≈ 60% of
+    galaxies with EW(Hα) > 3 Å (emission-line galaxies; the retired/LINER-like rest below).
+  ``elg`` (Raichoor et al. 2023, AJ 165, 126, DESI ELG target selection; DESI Collaboration
+    2016, arXiv:1611.00036): split-normal p(z) with mode 0.85 (σ 0.12 below, 0.35 above) on
+    0.6–1.6 (ELG_LOP prioritises 1.1 < z < 1.6 and its n(z) is broad, 0.6–1.6, peaking near
+    0.8–1.0); spectrum r 22.0–23.6; all star-forming with high sSFR, giving integrated [OII]
+    fluxes of a few 1e-17 to a few 1e-16 erg/s/cm² (the FDR's design threshold for a
+    redshift is ≈ 8e-17).
+  S/N: the DESI noise model below, at effective times of the DESI programmes (bright: 180 s
+  goal per tile, dark: 1000 s; DESI Collaboration 2023, SV overview; the EDR coadds combine
+  several tiles, hence the long tail): ``bgs`` log-normal median 180 s (σ_ln 0.45, 100–3000
+  s), ``elg`` median 1000 s (σ_ln 0.3, 500–4000 s). Check: a simulated star-forming galaxy
+  with the DESI fixture's z, spectrum r and t_eff gets the fixture's noise σ within 7% in
+  every camera window (benchmarks/realism.py); its median S/N differs by its colour.
 
 Instrument
   Resolving power linear in λ within each camera (b 2000→3200, r 3200→4100, z 4100→5000),
-  throughput-weighted in the camera overlaps; line σ gets λ/(2.3548 R) added in quadrature.
-  Gaussians are evaluated at pixel centres with the pixel's top-hat variance Δλ²/12 added to σ²
-  (σ ≥ ~1 px, so the pixel sums conserve line flux to < 1e-6). Total throughput follows a
-  smooth DESI-like curve (low at 3600 and 9824 Å) times a cosine taper over the last 60 Å of
-  each camera at the dichroic overlaps; coadded counts are the sum over cameras.
+  throughput-weighted in the camera overlaps. Total throughput follows a smooth DESI-like
+  curve (low at 3600 and 9824 Å) times a cosine taper over the last 60 Å of each camera at
+  the dichroic overlaps.
 
-Sky and noise
-  Sky (per fibre, before subtraction) = continuum ∝ (λ/5500)^1.5 plus the night-sky lines of
-  :func:`sky_lines` (instrumental width, 85% of the line flux redward of 7000 Å), scaled per
-  spectrum (bright time for ``bgs``). Per pixel, variance = [(object + sky)·G + n_cam·read²·G²]
-  in flux², G = 1/(throughput·counts-per-flux·exposure); ivar = 1/variance. Flux = object +
-  sky-subtraction residual (per-line scale errors of ~2%, a common wavelength offset of
-  ~0.03 Å, ~0.5% of the sky continuum) + Gaussian noise. Cosmic rays (Poisson, mean 3 per
-  spectrum) and fixed bad columns of a fibre's petal are masked pixels: mask False, flux 0,
-  ivar 0.
+Noise (calibrated on the real DESI coadds of ../shared/fixtures)
+  Per pixel, variance = [V(λ)·ε + (max(object, 0) + sky lines) / (C(λ) T(λ))] / t_eff,
+  where t_eff is the effective time, C(λ) = A λ Δλ / (hc) the detected counts per second per
+  flux unit at throughput 1 (A = 8.65 m²), T the throughput, ε a per-spectrum log-normal
+  factor (σ_ln 0.15; observing conditions), and V(λ) the background variance rate
+  (flux² · s) MEASURED on the real coadds: the median of 1/ivar × t_eff, less the target's
+  own photon noise (median flux / (C T)), in 27 windows of the DESI fixture galaxy (TARGETID
+  39633345008634465, bright time, t_eff = 0.14 × TSNR2_BGS = 3,095 s) for ``bgs`` and of the
+  two SV3 dark-time targets (t_eff = 8.6 × TSNR2_ELG) for ``elg`` (:data:`BACKGROUND_RATE`;
+  rising steeply to the blue, where the moonlit bright sky and read noise dominate; V holds
+  the coadds' read noise and sky continuum). The night-sky lines of :func:`sky_lines` at the
+  instrument's width add photon noise. ivar = 1/variance. Flux = object + sky-subtraction
+  residual (per-line scale errors of ~2%, a common wavelength offset of ~0.03 Å, ~0.5% of the
+  sky continuum) + Gaussian noise. Cosmic rays (Poisson, mean 3 per spectrum) and fixed bad
+  columns of a fibre's petal are masked pixels: mask False, flux 0, ivar 0.
 """
 from __future__ import annotations
 
@@ -76,8 +77,11 @@ from typing import Iterator
 
 import numpy as np
 
+from spectrax.data import galaxy_pop, sps
 from spectrax.data.grids import (DESI_CAMERAS, DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP,
                                   desi_wavelength)
+from spectrax.data.sps import calzetti_k  # noqa: F401  (public here for older callers)
+from threadpoolctl import ThreadpoolController
 
 C_KMS = 299792.458
 SQRT_2PI = float(np.sqrt(2.0 * np.pi))
@@ -87,46 +91,14 @@ BLOCK = 64  # rows per independent random stream; chunking never changes the out
 SAMPLES = ("bgs", "elg")
 
 # ---------------------------------------------------------------------------------------------
-# Line lists (rest-frame vacuum Å)
+# Line lists (rest-frame vacuum Å): every nebular line the SPS model renders
 # ---------------------------------------------------------------------------------------------
-EMISSION_LINES = {
-    "OII_3726": 3727.1, "OII_3729": 3729.9, "NeIII_3869": 3870.2, "Hdelta": 4102.9,
-    "Hgamma": 4341.7, "Hbeta": 4862.7, "OIII_4960": 4960.3, "OIII_5008": 5008.2,
-    "HeI_5877": 5877.3, "OI_6302": 6302.0, "NII_6550": 6549.9, "Halpha": 6564.6,
-    "NII_6585": 6585.3, "SII_6718": 6718.3, "SII_6733": 6732.7,
-}
+EMISSION_LINES = {name: float(w) for name, w in zip(galaxy_pop.LINE_NAMES, galaxy_pop.LINE_WAVE)}
 _EM_NAMES = tuple(EMISSION_LINES)
 _EM_WAVE = np.array([EMISSION_LINES[k] for k in _EM_NAMES])
 _EM = {name: i for i, name in enumerate(_EM_NAMES)}
 OIII_RATIO = 2.98  # [OIII] 5008/4960, atomic physics
 NII_RATIO = 3.05  # [NII] 6585/6550, atomic physics
-BALMER_CASE_B = {"Halpha": 2.86, "Hbeta": 1.0, "Hgamma": 0.468, "Hdelta": 0.259}
-
-# (rest λ, rest EW at strength 1, intrinsic σ) in Å. The intrinsic widths stand in for the
-# blends and damping wings that make these features broad in integrated galaxy light.
-OLD_ABSORPTION = np.array([
-    (3934.8, 8.0, 6.0),   # Ca II K
-    (3969.6, 7.0, 6.0),   # Ca II H (+ Hε)
-    (4102.9, 1.0, 5.0),   # Hδ
-    (4305.0, 5.0, 12.0),  # G band (CH)
-    (4341.7, 1.0, 5.0),   # Hγ
-    (4862.7, 1.5, 5.0),   # Hβ
-    (5168.8, 1.5, 2.0), (5174.1, 1.5, 2.0), (5185.0, 1.5, 2.0),  # Mg b triplet
-    (5270.0, 2.5, 5.0), (5335.0, 2.0, 5.0),  # Fe 5270, Fe 5335 (Lick)
-    (5891.6, 1.8, 1.5), (5897.6, 1.8, 1.5),  # Na D
-    (6564.6, 1.0, 4.0),   # Hα
-    (8500.4, 1.2, 1.5), (8544.4, 3.0, 1.5), (8664.5, 2.5, 1.5),  # Ca II triplet
-])
-YOUNG_ABSORPTION = np.array([
-    (3836.5, 4.0, 8.0),   # H9
-    (3890.2, 5.0, 8.0),   # H8
-    (3934.8, 1.0, 4.0),   # Ca II K (weak in A stars)
-    (3971.2, 6.0, 8.0),   # Hε
-    (4102.9, 7.0, 9.0),   # Hδ
-    (4341.7, 7.0, 9.0),   # Hγ
-    (4862.7, 7.0, 9.0),   # Hβ
-    (6564.6, 5.0, 8.0),   # Hα
-])
 
 # Night-sky lines (observed vacuum Å) and relative peak ranks; the OH group is rescaled below so
 # that 85% of the line flux lies redward of 7000 Å.
@@ -159,32 +131,51 @@ class SampleConfig:
     """Per-sample distributions and observing conditions (see the module docstring)."""
 
     code: int                   # enters the seed and the ids
+    population: str             # galaxy_pop.POPULATIONS key
     z_range: tuple[float, float]
-    rmag_range: tuple[float, float]
+    rmag_range: tuple[float, float]   # total r (bgs) or spectrum r (elg)
     rmag_slope: float           # dN/dm ∝ 10^(slope·m)
-    passive_fraction: float
-    ebv_mean: float             # nebular E(B−V): exponential, clipped at EBV_MAX
-    driver: str                 # emission line whose EW sets the emission scale
-    sky_level: float            # sky continuum at 5500 Å, 1e-17 erg/s/cm²/Å per fibre
-    counts_per_flux: float      # detected counts per (1e-17 erg/s/cm²/Å) per pixel, throughput 1
+    efftime: tuple[float, float, float, float]  # median, σ_ln, min, max (s)
+    sky_level: float            # night-sky line scale (flux units per unit line rank)
+    background: str             # key of BACKGROUND_RATE
 
 
-BGS = SampleConfig(code=1, z_range=(0.02, 0.6), rmag_range=(18.0, 20.5), rmag_slope=0.4,
-                   passive_fraction=0.4, ebv_mean=0.15, driver="Halpha", sky_level=5.0,
-                   counts_per_flux=15.0)
-ELG = SampleConfig(code=2, z_range=(0.6, 1.6), rmag_range=(22.0, 23.6), rmag_slope=0.3,
-                   passive_fraction=0.0, ebv_mean=0.1, driver="OII", sky_level=1.5,
-                   counts_per_flux=40.0)
+BGS = SampleConfig(code=1, population="bgs", z_range=(0.02, 0.6), rmag_range=(16.0, 19.5),
+                   rmag_slope=0.4, efftime=(180.0, 0.45, 100.0, 3000.0), sky_level=5.0,
+                   background="bright")
+ELG = SampleConfig(code=2, population="elg", z_range=(0.6, 1.6), rmag_range=(22.0, 23.6),
+                   rmag_slope=0.3, efftime=(1000.0, 0.3, 500.0, 4000.0), sky_level=1.5,
+                   background="dark")
 _CONFIGS = {"bgs": BGS, "elg": ELG}
+BGS_FAINT = (19.5, 20.175, 0.2)   # BGS Faint: total r range and fraction of the sample
+BGS_Z_SCALE = 0.16   # p(z) ∝ z² exp(−(z/s)^1.5): mode (4/3)^(2/3) s = 0.19
 
-EBV_MAX = 0.5
-STELLAR_TO_NEBULAR_EBV = 0.44  # Calzetti (2000)
-SIGMA_STAR_RANGE = (50.0, 300.0)
-SIGMA_GAS_RANGE = (30.0, 150.0)
-READ_NOISE = 3.0  # counts per pixel per camera
+# Background variance rate V(λ) (flux² · s): median 1/ivar × t_eff of the real DESI coadds in
+# ../shared/fixtures/real/desi minus the target's own photon noise (its median flux × 1/(C T)),
+# in windows centred at BACKGROUND_WAVE (Å); see the module docstring. tests/test_realism.py
+# re-measures it from the files.
+BACKGROUND_WAVE = (3650, 3750, 3900, 4125, 4375, 4625, 4875, 5125, 5375, 5625, 5875, 6125,
+                   6375, 6625, 6875, 7125, 7375, 7625, 7875, 8125, 8375, 8625, 8875, 9125,
+                   9375, 9625, 9787)
+BACKGROUND_RATE = {
+    "bright": (11744.1, 3770.1, 1741.8, 1039.0, 597.8, 451.0, 317.6, 262.8, 214.0, 198.8, 123.4,
+               92.3, 74.0, 61.1, 57.1, 47.9, 47.7, 50.5, 34.9, 26.7, 23.3, 19.6, 21.1, 19.7,
+               40.2, 42.6, 44.6),
+    "dark": (9886.6, 3368.8, 1309.1, 690.4, 455.2, 314.1, 220.1, 188.8, 177.4, 185.4, 150.0,
+             111.9, 94.1, 76.2, 66.5, 65.4, 74.7, 73.3, 55.3, 42.4, 38.2, 37.4, 41.4, 34.6,
+             97.9, 100.1, 102.9),
+}
+EFFTIME_PER_TSNR2 = {"bgs": 0.14, "elg": 8.6}  # desispec: EFFTIME = k × TSNR2_<tracer> (s)
+COLLECTING_AREA = 8.65e4   # cm², DESI primary (3.8 m, obstructed)
+HC = 1.98644586e-8         # erg Å
+NOISE_SCATTER = 0.15       # σ_ln of the per-spectrum background factor ε
+EBV_MAX = galaxy_pop.EBV_MAX
+STELLAR_TO_NEBULAR_EBV = galaxy_pop.STELLAR_TO_NEBULAR_EBV
+SIGMA_GAS_MAX = 150.0      # km/s, widest gas line (window half-widths)
 R_BAND = (5600.0, 6900.0)
 R_BAND_EFF = 6250.0
 SKY_LINE_SCALE = 15.0  # line flux (Å·flux units) of a unit-rank sky line per unit sky level
+PSF_TO_FIBER = 0.78    # DESI coadds are point-source calibrated: galaxy spectrum = fibre / 0.78
 
 
 def _config(sample: str) -> SampleConfig:
@@ -195,19 +186,8 @@ def _config(sample: str) -> SampleConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Physics helpers
+# Continuum templates of the earlier analytic model (kept: the quasar simulator's host galaxy)
 # ---------------------------------------------------------------------------------------------
-def calzetti_k(wave_rest: np.ndarray) -> np.ndarray:
-    """Calzetti et al. (2000) attenuation curve k(λ) (R_V = 4.05) for λ in Å (rest); ≥ 0.
-
-    Extrapolated with the same polynomials outside 1200–22000 Å and clipped at 0."""
-    lam = np.asarray(wave_rest, np.float64) / 1e4
-    inv = 1.0 / lam
-    blue = 2.659 * (-2.156 + 1.509 * inv - 0.198 * inv**2 + 0.011 * inv**3) + 4.05
-    red = 2.659 * (-1.857 + 1.040 * inv) + 4.05
-    return np.maximum(np.where(lam < 0.63, blue, red), 0.0)
-
-
 def _blackbody_flambda(wave: np.ndarray, temperature: float) -> np.ndarray:
     """Planck f_λ shape (arbitrary units) at λ [Å]; the exponent is capped (no overflow)."""
     x = np.minimum(1.438777e8 / (wave * temperature), 700.0)  # hc/(λ k T), λ in Å
@@ -386,7 +366,7 @@ def _redshift_cdf(sample: str) -> tuple[np.ndarray, np.ndarray]:
     cfg = _config(sample)
     z = np.linspace(cfg.z_range[0], cfg.z_range[1], 4001)
     if sample == "bgs":
-        pdf = z**2 * np.exp(-((z / 0.19) ** 1.5))
+        pdf = z**2 * np.exp(-((z / BGS_Z_SCALE) ** 1.5))
     else:
         sig = np.where(z < 0.85, 0.12, 0.35)
         pdf = np.exp(-0.5 * ((z - 0.85) / sig) ** 2)
@@ -413,83 +393,40 @@ def _truncated_exp_mag(rng: np.random.Generator, lo: float, hi: float, slope: fl
     return np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
 
 
-def _draw_line_ratios(rng: np.random.Generator, passive: np.ndarray, sample: str) -> np.ndarray:
-    """[n, M] intrinsic (dust-free) emission-line fluxes relative to Hβ.
-
-    Star-forming galaxies sit on an anticorrelated [OIII]/Hβ – [NII]/Hα sequence (position
-    x ∈ [0, 1]); passive ones get LINER-like ratios. Fixed doublet ratios are imposed exactly."""
-    n = passive.size
-    x = rng.random(n)
-    if sample == "elg":
-        log_o3, log_n2 = -0.3 + 0.9 * x, -0.7 - 0.6 * x
-    else:
-        log_o3, log_n2 = -0.6 + 1.0 * x, -0.3 - 0.8 * x
-    o3_hb = np.where(passive, rng.uniform(1.0, 3.0, n), 10**log_o3)
-    n2_ha = np.where(passive, rng.uniform(0.8, 2.0, n), 10**log_n2)
-    o1_ha = np.where(passive, rng.uniform(0.1, 0.3, n), rng.uniform(0.02, 0.06, n))
-    s2_ha = np.where(passive, rng.uniform(0.4, 0.8, n), rng.uniform(0.15, 0.4, n))
-    o2_hb = np.where(passive, rng.uniform(2.0, 5.0, n), _log_uniform(rng, 1.5, 4.0, n))
-    o2_ratio = rng.uniform(0.35, 1.5, n)   # 3729/3726, density dependent
-    s2_ratio = rng.uniform(0.8, 1.4, n)    # 6718/6733, density dependent
-
-    ha = BALMER_CASE_B["Halpha"]
-    r = np.zeros((n, len(_EM_NAMES)))
-    for name in ("Halpha", "Hbeta", "Hgamma", "Hdelta"):
-        r[:, _EM[name]] = BALMER_CASE_B[name]
-    r[:, _EM["OII_3726"]] = o2_hb / (1 + o2_ratio)
-    r[:, _EM["OII_3729"]] = o2_hb * o2_ratio / (1 + o2_ratio)
-    r[:, _EM["OIII_5008"]] = o3_hb
-    r[:, _EM["OIII_4960"]] = o3_hb / OIII_RATIO
-    r[:, _EM["NeIII_3869"]] = 0.08 * o3_hb
-    r[:, _EM["HeI_5877"]] = 0.1
-    r[:, _EM["OI_6302"]] = o1_ha * ha
-    r[:, _EM["NII_6585"]] = n2_ha * ha
-    r[:, _EM["NII_6550"]] = n2_ha * ha / NII_RATIO
-    r[:, _EM["SII_6718"]] = s2_ha * ha * s2_ratio / (1 + s2_ratio)
-    r[:, _EM["SII_6733"]] = s2_ha * ha / (1 + s2_ratio)
-    return r
-
-
-def _draw_block(sample: str, seed: int, block: int) -> tuple[dict, np.random.Generator]:
+def draw_block(sample: str, seed: int, block: int) -> tuple[dict, np.random.Generator]:
     """Physical and observing parameters of one block of BLOCK spectra.
 
-    Returns (params, noise_rng): ``params`` holds [BLOCK] arrays (plus ``line_ratio`` [BLOCK, M],
-    ``sky_eps`` [BLOCK, S] and the bad-pixel coordinates ``bad_rows``/``bad_cols``);
-    ``noise_rng`` is a separate stream used only for the pixel noise, so the noiseless and the
-    noisy versions of a spectrum share every physical parameter."""
+    Returns (params, noise_rng): ``params`` holds [BLOCK] arrays (plus ``coeff`` [BLOCK, K],
+    ``line_lum`` and ``liner_ratio`` [BLOCK, M], ``sky_eps`` [BLOCK, S] and the bad-pixel
+    coordinates ``bad_rows``/``bad_cols``); ``noise_rng`` is a separate stream used only for
+    the pixel noise, so the noiseless and the noisy versions of a spectrum share every physical
+    parameter."""
     cfg = _config(sample)
     param_ss, noise_ss = np.random.SeedSequence([seed, cfg.code, block]).spawn(2)
     rng = np.random.default_rng(param_ss)
     n = BLOCK
-    passive = rng.random(n) < cfg.passive_fraction
-    if sample == "elg":
-        f_young = rng.uniform(0.7, 1.0, n)
-        driver_ew = np.clip(np.exp(rng.normal(np.log(40.0), 0.6, n)), 10.0, 100.0)
+    z = draw_redshifts(rng, n, sample)
+    params = galaxy_pop.draw_physical(rng, z, cfg.population)
+    if sample == "bgs":
+        faint = rng.random(n) < BGS_FAINT[2]
+        total = np.where(faint,
+                         _truncated_exp_mag(rng, BGS_FAINT[0], BGS_FAINT[1], cfg.rmag_slope, n),
+                         _truncated_exp_mag(rng, *cfg.rmag_range, cfg.rmag_slope, n))
+        offset = np.clip(rng.normal(1.25 - 1.6 * z, 0.25), 0.2, 2.0)
+        rmag = total + offset
     else:
-        f_young = np.where(passive, rng.uniform(0.0, 0.05, n), rng.uniform(0.35, 1.0, n))
-        driver_ew = np.where(passive, rng.uniform(0.0, 3.0, n),
-                             np.clip(np.exp(rng.normal(np.log(25.0), 0.8, n)), 5.0, 200.0))
-    ebv = np.minimum(rng.exponential(cfg.ebv_mean, n) * np.where(passive, 0.3, 1.0), EBV_MAX)
-    params = {
-        "z": draw_redshifts(rng, n, sample),
-        "passive": passive,
-        "f_young": f_young,
-        "w_strong_break": np.where(passive, rng.uniform(0.3, 1.0, n), rng.uniform(0.0, 0.6, n)),
-        "metal": rng.uniform(0.7, 1.3, n),
-        "balmer": rng.uniform(0.3, 1.5, n),
-        "sigma_star": np.where(passive, _log_uniform(rng, 120.0, SIGMA_STAR_RANGE[1], n),
-                               _log_uniform(rng, SIGMA_STAR_RANGE[0], 150.0, n)),
-        "sigma_gas": _log_uniform(rng, *SIGMA_GAS_RANGE, n),
-        "ebv": ebv,
-        "rmag": _truncated_exp_mag(rng, *cfg.rmag_range, cfg.rmag_slope, n),
-        "driver_ew": driver_ew,
-        "line_ratio": _draw_line_ratios(rng, passive, sample),
+        rmag = _truncated_exp_mag(rng, *cfg.rmag_range, cfg.rmag_slope, n)
+    med, sig, lo, hi = cfg.efftime
+    params.update({
+        "z": z,
+        "rmag": rmag,
+        "efftime": np.clip(med * np.exp(rng.normal(0.0, sig, n)), lo, hi),
+        "noise_eps": np.exp(rng.normal(0.0, NOISE_SCATTER, n)),
         "sky_scale": cfg.sky_level * np.exp(rng.normal(0.0, 0.25, n)),
-        "exposure": rng.uniform(0.8, 1.25, n),
         "sky_eps": rng.normal(0.0, 0.02, (n, instrument().line_wave.size)),
         "sky_shift": rng.normal(0.0, 0.03, n),
         "sky_cont_eps": rng.normal(0.0, 0.005, n),
-    }
+    })
     # Masked pixels: cosmic rays anywhere, plus the bad columns of the fibre's petal.
     n_cr = rng.poisson(3.0, n)
     cr_rows = np.repeat(np.arange(n), n_cr)
@@ -550,140 +487,55 @@ def _line_half_widths(rest: np.ndarray, sigma_rest: np.ndarray, sigma_kms: float
     return np.where(on_grid, hw, 0)
 
 
-def _optical_depth(table: np.ndarray, sample: str, z: np.ndarray, sigma_star: np.ndarray,
-                   strength: np.ndarray) -> np.ndarray:
-    """τ(λ_obs) [B, L] of one population's absorption features on the DESI grid.
-
-    Args: table [F, 3] (rest λ, EW at strength 1, intrinsic σ; Å); z, sigma_star (km/s),
-    strength: [B]."""
-    rest, ew, sig_int = table[:, 0], table[:, 1], table[:, 2]
-    obs = rest[None] * (1 + z[:, None])                              # [B, F]
-    var = ((sig_int[None] * (1 + z[:, None])) ** 2 + (obs * sigma_star[:, None] / C_KMS) ** 2
-           + _instrument_var(obs))
-    weights = ew[None] * strength[:, None] * (1 + z[:, None])      # observed-frame EW
-    half_width = _line_half_widths(rest, sig_int, SIGMA_STAR_RANGE[1], sample)
-    return _gaussian_sum(DESI_WAVE_MIN, DESI_WAVE_STEP, DESI_NPIX, obs, np.sqrt(var), weights,
-                         half_width)
-
-
-@functools.lru_cache(maxsize=None)
-def _template_tables() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """(values, slope to the next node) float32 [G] pairs for old_a, old_b, young, k_dust."""
-    t = templates()
-    out = []
-    for arr in (t.old_a, t.old_b, t.young, t.kdust):
-        v = arr.astype(np.float32)
-        out.append((v, np.diff(v, append=v[-1:])))
-    return tuple(out)
-
-
-def _rest_templates(ln_rest: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(old_a, old_b, young, k_dust) [B, L] float32, linearly interpolated at rest ln λ [B, L].
-
-    Separate 1-D gathers from small float32 tables (value + slope) are several times faster
-    than one gather of stacked tables."""
-    t = templates()
-    pos = (ln_rest - t.ln_wave0) / t.dln
-    i0 = np.clip(pos.astype(np.int64), 0, t.young.size - 2)
-    frac = np.clip(pos - i0, 0.0, 1.0).astype(np.float32)
-    return tuple(v[i0] + frac * s[i0] for v, s in _template_tables())
-
-
-def _dust(k: np.ndarray, ebv: np.ndarray) -> np.ndarray:
-    """Transmission 10^(−0.4 k E(B−V)); ``ebv`` broadcasts against ``k``; dtype of ``k``."""
-    return np.exp(k * (-0.4 * np.log(10.0) * ebv).astype(k.dtype))
-
-
-def _template_at(rest_wave: np.ndarray, p: dict) -> np.ndarray:
-    """Smooth (line-free) attenuated continuum shape [B, M] at rest wavelengths [M], before the
-    flux scale; same mixture as the rendered continuum."""
-    t = templates()
-    w = t.wave
-    oa, ob, yg, k = (np.interp(rest_wave, w, a) for a in (t.old_a, t.old_b, t.young, t.kdust))
-    ws, fy = p["w_strong_break"][:, None], p["f_young"][:, None]
-    old = (1 - ws) * oa + ws * ob
-    return ((1 - fy) * old + fy * yg) * _dust(k, STELLAR_TO_NEBULAR_EBV * p["ebv"][:, None])
-
-
 def _rmag_to_flambda(rmag: np.ndarray) -> np.ndarray:
     """AB magnitude → f_λ at R_BAND_EFF, in 1e-17 erg/s/cm²/Å."""
     fnu = 10.0 ** (-0.4 * (rmag + 48.6))
     return fnu * (C_KMS * 1e13) / R_BAND_EFF**2 * 1e17
 
 
-def _continuum(p: dict, sample: str) -> tuple[np.ndarray, np.ndarray]:
-    """Observed stellar continuum with absorption and dust, and its flux scale.
-
-    Returns (continuum [B, L] in 1e-17 erg/s/cm²/Å, scale [B]) where ``scale`` multiplies the
-    template mixture (normalised at 5500 Å rest) to reach the drawn r magnitude."""
-    z = p["z"]
-    ln_rest = np.log(instrument().wave)[None] - np.log1p(z)[:, None]
-    old_a, old_b, young, k = _rest_templates(ln_rest)
-    ws, fy = p["w_strong_break"][:, None], p["f_young"][:, None]
-    tau_old = _optical_depth(OLD_ABSORPTION, sample, z, p["sigma_star"], p["metal"])
-    tau_young = _optical_depth(YOUNG_ABSORPTION, sample, z, p["sigma_star"], p["balmer"])
-    ws, fy = ws.astype(np.float32), fy.astype(np.float32)
-    old = ((1 - ws) * old_a + ws * old_b) * np.exp(-tau_old.astype(np.float32))
-    cont = ((1 - fy) * old + fy * young * np.exp(-tau_young.astype(np.float32))) * _dust(
-        k, STELLAR_TO_NEBULAR_EBV * p["ebv"][:, None])
-    wave = instrument().wave
-    band = (wave >= R_BAND[0]) & (wave <= R_BAND[1])
-    scale = _rmag_to_flambda(p["rmag"]) / cont[:, band].mean(axis=1, dtype=np.float64)
-    return cont * scale[:, None].astype(np.float32), scale
-
-
-def _line_fluxes(p: dict, scale: np.ndarray, sample: str) -> np.ndarray:
-    """Observed (attenuated) emission-line fluxes [B, M] in 1e-17 erg/s/cm².
-
-    The driver line's flux is its rest EW × (1+z) × the smooth attenuated continuum at the line;
-    it fixes intrinsic Hβ, the intrinsic ratios give every other line, and nebular dust
-    attenuates each line at its own wavelength."""
-    z, ebv = p["z"], p["ebv"][:, None]
-    ratio = p["line_ratio"]
-    line_dust = _dust(calzetti_k(_EM_WAVE)[None], ebv)                 # [B, M]
-    if _config(sample).driver == "OII":
-        idx = [_EM["OII_3726"], _EM["OII_3729"]]
-    else:
-        idx = [_EM["Halpha"]]
-    driver_wave = np.array([np.mean(_EM_WAVE[idx])])
-    cont_at_driver = scale * _template_at(driver_wave, p)[:, 0]
-    driver_obs = p["driver_ew"] * (1 + z) * cont_at_driver               # attenuated flux
-    driver_intrinsic_per_hb = (ratio[:, idx] * line_dust[:, idx]).sum(1)  # attenuated / Hβ_int
-    hbeta_int = driver_obs / driver_intrinsic_per_hb
-    return hbeta_int[:, None] * ratio * line_dust
+@functools.lru_cache(maxsize=None)
+def _inst_sigma_ln() -> np.ndarray:
+    """[L] instrumental + pixel Gaussian σ in ln λ on the DESI grid."""
+    inst = instrument()
+    return np.sqrt(_instrument_var(inst.wave)) / inst.wave
 
 
 def _emission(p: dict, fluxes: np.ndarray, sample: str) -> np.ndarray:
-    """Nebular emission spectrum [B, L] (1e-17 erg/s/cm²/Å) from line fluxes [B, M]."""
+    """Nebular line spectrum [B, L] (1e-17 erg/s/cm²/Å) from line fluxes [B, M]."""
     obs = _EM_WAVE[None] * (1 + p["z"][:, None])
     sig = np.sqrt((obs * p["sigma_gas"][:, None] / C_KMS) ** 2 + _instrument_var(obs))
-    half_width = _line_half_widths(_EM_WAVE, np.zeros_like(_EM_WAVE), SIGMA_GAS_RANGE[1], sample)
+    half_width = _line_half_widths(_EM_WAVE, np.zeros_like(_EM_WAVE), SIGMA_GAS_MAX, sample)
     return _gaussian_sum(DESI_WAVE_MIN, DESI_WAVE_STEP, DESI_NPIX, obs, sig, fluxes, half_width)
 
-# Rest-frame grid on which the true D4000 is measured (no instrument, no noise).
-_D4000_GRID = (3700.0, 0.5, 1201)
+
+def _model(p: dict, sample: str) -> dict[str, np.ndarray]:
+    """Noiseless object of a batch: continuum [B, L] (stars + nebular continuum, attenuated),
+    line fluxes [B, M], the flux scale and the rest-frame truth of galaxy_pop.truth."""
+    z = p["z"]
+    inst = instrument()
+    with _one_blas_thread():
+        cont = galaxy_pop.render_continuum(p, z, np.log(inst.wave), _inst_sigma_ln())
+        tr = galaxy_pop.truth(p)
+    band = (inst.wave >= R_BAND[0]) & (inst.wave <= R_BAND[1])
+    # rest-frame L☉/Å per M☉ → observed f_λ: the scale absorbs 1/(4π d_L² (1+z)); line fluxes
+    # (no 1/(1+z) stretch) take (1+z) × it.
+    scale = _rmag_to_flambda(p["rmag"]) / cont[:, band].mean(axis=1, dtype=np.float64)
+    cont = cont * scale[:, None].astype(np.float32)
+    fluxes = tr["line_lum"] * (scale * (1 + z))[:, None]
+    return {"continuum": cont, "line_flux": fluxes, "scale": scale, "truth": tr}
 
 
-def _true_d4000(p: dict) -> np.ndarray:
-    """D4000 [B] of the attenuated stellar continuum (with absorption, σ*), rest frame."""
-    start, step, npix = _D4000_GRID
-    wave = start + step * np.arange(npix)
-    t = templates()
-    oa, ob, yg, k = (np.interp(wave, t.wave, a) for a in (t.old_a, t.old_b, t.young, t.kdust))
-    ws, fy = p["w_strong_break"][:, None], p["f_young"][:, None]
-    taus = []
-    for table, strength in ((OLD_ABSORPTION, p["metal"]), (YOUNG_ABSORPTION, p["balmer"])):
-        # only features that can reach the 3750–4250 Å bands matter
-        table = table[(table[:, 0] > start - 100) & (table[:, 0] < wave[-1] + 100)]
-        centers = np.broadcast_to(table[None, :, 0], (fy.shape[0], table.shape[0]))
-        sig = np.sqrt(table[None, :, 2] ** 2 + (centers * p["sigma_star"][:, None] / C_KMS) ** 2)
-        taus.append(_gaussian_sum(start, step, npix, centers, sig,
-                                  table[None, :, 1] * strength[:, None],
-                                  _half_width(np.hypot(table[:, 2], 4400 * SIGMA_STAR_RANGE[1]
-                                                       / C_KMS), step)))
-    cont = ((1 - fy) * ((1 - ws) * oa + ws * ob) * np.exp(-taus[0])
-            + fy * yg * np.exp(-taus[1])) * _dust(k, STELLAR_TO_NEBULAR_EBV * p["ebv"][:, None])
-    return d4000(wave, cont)
+@functools.lru_cache(maxsize=None)
+def _blas() -> ThreadpoolController:
+    """The process's BLAS thread pools (inspected once; cheap to limit afterwards)."""
+    return ThreadpoolController()
+
+
+def _one_blas_thread():
+    """Limits BLAS to one thread while rendering: the matrix products here are small
+    ([≲256, 26] × [26, ~15k]) and a multi-threaded BLAS spends more time synchronising than
+    computing them (×5 slower on a loaded 2-core machine, measured)."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 def _sky_residual(p: dict) -> np.ndarray:
@@ -702,27 +554,38 @@ def _sky_residual(p: dict) -> np.ndarray:
     return lines + (p["sky_cont_eps"][:, None] * s) * inst.sky_continuum[None]
 
 
+@functools.lru_cache(maxsize=None)
+def _noise_tables(background: str) -> tuple[np.ndarray, np.ndarray]:
+    """(V(λ) [L] flux²·s, 1/(C T) [L] flux·s) on the grid, float32 (module docstring). V is
+    measured on real coadds, so it already holds their read noise and sky continuum."""
+    inst = instrument()
+    wave = inst.wave
+    rate = np.exp(np.interp(wave, BACKGROUND_WAVE, np.log(BACKGROUND_RATE[background])))
+    counts_per_s = COLLECTING_AREA * 1e-17 * wave * DESI_WAVE_STEP / HC     # per flux unit, T=1
+    inv_gain = 1.0 / (counts_per_s * inst.throughput)
+    return rate.astype(np.float32), inv_gain.astype(np.float32)
+
+
 def _variance(model: np.ndarray, p: dict, sample: str) -> np.ndarray:
-    """Per-pixel flux variance [B, L] float32 (flux units²): photon noise of object + sky, and
-    the read noise of each camera covering the pixel, through throughput × exposure factor.
+    """Per-pixel flux variance [B, L] float32 (flux units²): background rate × conditions and
+    photon noise of the object and the sky lines, over the effective time.
 
     Args: model [B, L] noiseless object flux (1e-17 erg/s/cm²/Å)."""
     inst = instrument()
-    inv_gain = (1.0 / (_config(sample).counts_per_flux * inst.throughput)).astype(np.float32)
-    inv_exp = (1.0 / p["exposure"]).astype(np.float32)[:, None]
-    sky_shape = (inst.sky_continuum + inst.sky_lines).astype(np.float32)
-    sky = p["sky_scale"].astype(np.float32)[:, None] * sky_shape
-    read = (inst.n_cameras * READ_NOISE**2).astype(np.float32) * inv_gain**2
-    return (np.maximum(model, 0.0) + sky) * (inv_gain * inv_exp) + read * inv_exp**2
+    rate, inv_gain = _noise_tables(_config(sample).background)
+    inv_t = (1.0 / p["efftime"]).astype(np.float32)[:, None]
+    sky = p["sky_scale"].astype(np.float32)[:, None] * inst.sky_lines.astype(np.float32)
+    eps = p["noise_eps"].astype(np.float32)[:, None]
+    return (eps * rate + (np.maximum(model, 0.0) + sky) * inv_gain) * inv_t
 
 
-def _render(p: dict, noise_rngs: list, sample: str, noiseless: bool,
-            components: bool) -> dict[str, np.ndarray]:
+def render_block(p: dict, noise_rngs: list, sample: str, noiseless: bool,
+                 components: bool) -> dict[str, np.ndarray]:
     """Turns the parameters of a batch (whole blocks) into the output dict (see
     :func:`simulate_desi_galaxies`)."""
     b = p["z"].size
-    cont, scale = _continuum(p, sample)
-    fluxes = _line_fluxes(p, scale, sample)
+    m = _model(p, sample)
+    cont, fluxes, tr = m["continuum"], m["line_flux"], m["truth"]
     model = cont + _emission(p, fluxes, sample).astype(np.float32)
     var = _variance(model, p, sample)
     ivar = (1.0 / var).astype(np.float32)
@@ -733,24 +596,24 @@ def _render(p: dict, noise_rngs: list, sample: str, noiseless: bool,
     else:
         noise = np.concatenate([r.standard_normal((BLOCK, DESI_NPIX), dtype=np.float32)
                                 for r in noise_rngs])
-        flux = (model + _sky_residual(p)).astype(np.float32) + np.sqrt(var).astype(
-            np.float32) * noise
+        flux = (model + _sky_residual(p)).astype(np.float32) + np.sqrt(var) * noise
     snr = np.median(cont * np.sqrt(ivar), axis=1)
     flux[~mask] = 0.0
     ivar[~mask] = 0.0
 
-    cont_ha = scale * _template_at(np.array([EMISSION_LINES["Halpha"]]), p)[:, 0]
-    cont_oii = scale * _template_at(np.array([3728.5]), p)[:, 0]
+    z = p["z"]
+    cont_obs = m["scale"] * (1 + z)     # rest continuum (L☉/Å per M☉) → observed, per rest Å
     oii = fluxes[:, _EM["OII_3726"]] + fluxes[:, _EM["OII_3729"]]
+    ha = fluxes[:, _EM["Halpha"]]
     out = {
-        "flux": flux, "ivar": ivar, "mask": mask, "z": p["z"].astype(np.float64),
-        "ebv": p["ebv"], "d4000": _true_d4000(p), "oii_flux": oii,
-        "oii_ew": oii / (cont_oii * (1 + p["z"])),
-        "halpha_flux": fluxes[:, _EM["Halpha"]],
-        "halpha_ew": fluxes[:, _EM["Halpha"]] / (cont_ha * (1 + p["z"])),
+        "flux": flux, "ivar": ivar, "mask": mask, "z": z.astype(np.float64),
+        "ebv": p["ebv"], "d4000": tr["d4000"], "dn4000": tr["dn4000"], "gr": tr["gr"],
+        "oii_flux": oii, "oii_ew": oii / (tr["cont_oii"] * cont_obs),
+        "halpha_flux": ha, "halpha_ew": ha / (tr["cont_halpha"] * cont_obs),
         "oiii_flux": fluxes[:, _EM["OIII_5008"]], "line_flux": fluxes,
-        "snr": snr, "rmag": p["rmag"], "passive": p["passive"], "f_young": p["f_young"],
-        "sigma_star": p["sigma_star"], "sigma_gas": p["sigma_gas"],
+        "snr": snr, "rmag": p["rmag"], "efftime": p["efftime"], "passive": p["passive"],
+        "burst": p["burst"], "log_z": p["log_z"], "log_u": p["log_u"], "ssfr": p["ssfr"],
+        "age_mw": p["age_mw"], "sigma_star": p["sigma_star"], "sigma_gas": p["sigma_gas"],
     }
     if components:
         out["model"] = model.astype(np.float32)
@@ -781,8 +644,8 @@ def _simulate_rows(start: int, stop: int, sample: str, seed: int, batch: int, no
     parts = []
     for b0 in range(first, last, blocks_per_batch):
         block_ids = range(b0, min(b0 + blocks_per_batch, last))
-        drawn = [_draw_block(sample, seed, blk) for blk in block_ids]
-        out = _render(_concat_params([d[0] for d in drawn]), [d[1] for d in drawn], sample,
+        drawn = [draw_block(sample, seed, blk) for blk in block_ids]
+        out = render_block(_concat_params([d[0] for d in drawn]), [d[1] for d in drawn], sample,
                       noiseless, components)
         rows = np.arange(b0 * BLOCK, (b0 + len(block_ids)) * BLOCK)
         keep = (rows >= start) & (rows < stop)
@@ -841,3 +704,13 @@ def iter_desi_galaxies(n: int, sample: str = "bgs", seed: int = 0, chunk: int = 
     for start in range(0, int(n), int(chunk)):
         yield _simulate_rows(start, min(start + int(chunk), int(n)), sample, int(seed),
                              min(batch, chunk), noiseless, components)
+
+
+def desi_galaxy_rows(start: int, stop: int, sample: str = "bgs", seed: int = 0
+                     ) -> dict[str, np.ndarray]:
+    """Rows ``[start, stop)`` of :func:`simulate_desi_galaxies` (same keys): any worker can
+    simulate any chunk of a sample, and the chunks concatenate to the whole."""
+    _check_args(stop, sample, seed)
+    if not 0 <= start <= stop:
+        raise ValueError(f"rows [{start}, {stop}) are not a valid range")
+    return _simulate_rows(int(start), int(stop), sample, int(seed), 256, False, False)

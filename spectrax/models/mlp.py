@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from spectrax.models.spectrafm import FE_WINDOW
+
 
 @dataclasses.dataclass(frozen=True)
 class WindowMLPConfig:
     """pixel_range: (first, stop) pixel indices of the window; hidden: widths of the hidden
     layers; dropout between them."""
 
-    pixel_range: tuple[int, int] = (4107, 4619)
+    pixel_range: tuple[int, int] = FE_WINDOW
     hidden: tuple[int, ...] = (256, 128)
     dropout: float = 0.1
 
@@ -44,5 +46,5 @@ class WindowMLP(nnx.Module):
 
 
 def build(model_cfg, rngs: nnx.Rngs, num_outputs: int) -> WindowMLP:
-    pr = tuple(getattr(model_cfg, "pixel_range", ()) or (4107, 4619))
+    pr = tuple(getattr(model_cfg, "pixel_range", ()) or FE_WINDOW)
     return WindowMLP(WindowMLPConfig(pixel_range=pr), num_outputs, rngs=rngs)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +44,10 @@ from spectrax.nn.attention import MultiHeadAttention, attend
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LABEL_NAMES = ("TEFF", "LOGG", "O_FE", "MG_FE", "FE_H")
+# The paper's stage 3: [Fe/H] from a 512-pixel window of the 7514-pixel APOGEE spectrum
+# (pixels 4107–4618, 1.611–1.622 µm, two Fe lines), evaluated apart on iron-poor stars.
+FE_WINDOW = (4107, 4619)
+IRON_POOR_FE_H = -1.0  # [Fe/H] below this is "iron-poor"
 PADDING_TOKEN_ID = 0
 
 # Label standardisation of the paper (median, MAD-std), from the synthetic training set; the same
@@ -652,62 +654,95 @@ def standardize(x, stats):
 # ------------------------------------------------------------------------------------------------
 
 def chunk_permutation(num_pixels: int, seed: int = 0) -> np.ndarray:
-    """The fixed random pixel order of :func:`chunked_predict`: numpy's legacy
+    """The fixed random pixel order of chunked inference: numpy's legacy
     ``RandomState(seed).permutation`` (the reference seeds ``np.random.seed(0)``)."""
     return np.random.RandomState(seed).permutation(num_pixels)
 
 
-def chunked_predict(apply_fn: Callable, values, wavelength, token_ids, request_ids,
-                    chunk: int = 512, seed: int = 0, return_chunks: bool = False):
-    """Predicts from spectra longer than the context: fixed random permutation, chunks, mean.
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How spectra longer than the context are cut for inference: the pixels of
+    ``[first, stop)`` in a fixed random order (:func:`chunk_permutation`, the same for every
+    star), in ``n_chunks`` chunks of ``context`` pixels, the last padded.
 
-    The pixel axis is permuted once by :func:`chunk_permutation` (the same order for every star),
-    split into ceil(N / chunk) chunks, the last padded with token id 0; each chunk is one forward
-    pass. Per star, the prediction is the mean over chunks and the uncertainty is the MEAN OF THE
-    PER-CHUNK σ = exp(½ logvar), as in the reference. Not the inverse-variance combination: the
-    chunks see the same star, so their errors are not independent and σ/√n_chunks would be
-    overconfident. Chunks in which a star has no valid pixel are left out of its means (NaN if
-    none).
+    Attributes:
+      order: [P] int pixel indices, in chunk order.
+      n_chunks, context: chunks and pixels per chunk.
+    """
+
+    order: np.ndarray
+    n_chunks: int
+    context: int
+
+    def arrange(self, x, fill):
+        """[B, L] (numpy or jax) -> [C, B, context], padding with ``fill``."""
+        pad = self.n_chunks * self.context - self.order.size
+        x = jnp.pad(jnp.asarray(x)[:, self.order], ((0, 0), (0, pad)), constant_values=fill)
+        return jnp.moveaxis(x.reshape(x.shape[0], self.n_chunks, self.context), 1, 0)
+
+    def positions(self) -> np.ndarray:
+        """[C, context] the pixel index each chunk slot holds (−1 on padding)."""
+        pad = self.n_chunks * self.context - self.order.size
+        return np.pad(self.order, (0, pad), constant_values=-1).reshape(self.n_chunks,
+                                                                         self.context)
+
+
+def chunk_layout(num_pixels: int, context: int, seed: int = 0,
+                 pixel_range: tuple[int, int] = (0, 0)) -> ChunkLayout:
+    """The chunks of a ``num_pixels`` grid (only ``pixel_range`` = [first, stop) of it when
+    that is non-empty), ``context`` pixels each."""
+    a, b = pixel_range if pixel_range[1] > pixel_range[0] else (0, num_pixels)
+    order = a + chunk_permutation(b - a, seed)
+    return ChunkLayout(order, -(-order.size // context), int(context))
+
+
+def chunked_predict(model: "SpectraFM", values, wavelength, ok, request_ids,
+                    layout: ChunkLayout, *, return_attention: bool = False):
+    """Predicts labels from spectra longer than the context: the ONE chunked inference
+    (the task's predictions, the catalogue, evaluation and attention maps all use it).
+
+    Each chunk is encoded once (the encoder does not see the request) and decoded for every
+    requested label. Per star, the prediction is the mean over chunks and the uncertainty is
+    the MEAN OF THE PER-CHUNK σ = exp(½ logvar), as in the reference: not the inverse-variance
+    combination, since the chunks see the same star, so their errors are not independent and
+    σ/√n_chunks would be overconfident. Chunks in which a star has no valid pixel are left out
+    of its means (NaN if none). Jittable.
 
     Args:
-      apply_fn: (values, wavelength, token_ids, request_ids) -> (pred [B], logvar [B]), e.g. a
-        jitted closure over the model with train=False. Always called with [B, chunk] arrays.
-      values, wavelength, token_ids: [B, N] as for :meth:`SpectraFM.__call__`.
-      request_ids: [B] int32.
-      chunk: pixels per forward pass.
-      seed: seed of the permutation.
-      return_chunks: also return the per-chunk predictions and σ, [B, n_chunks] each.
+      model: a SpectraFM (train=False is used).
+      values: [B, L] standardised flux; wavelength: [B, L] Å; ok: [B, L] bool, usable pixels.
+      request_ids: K label token ids.
+      layout: :func:`chunk_layout` of L.
+      return_attention: also return the decoder's attention [C, K, B, context] and the chunk
+        masks [C, B, context].
 
     Returns:
-      (prediction [B], sigma [B]) float64 numpy, standardised units (plus the per-chunk arrays).
+      (prediction [B, K], σ [B, K]) in standardised units (plus attention and masks).
     """
-    values = np.asarray(values, np.float32)
-    wavelength = np.asarray(wavelength, np.float32)
-    token_ids = np.asarray(token_ids, np.int32)
-    batch, n = values.shape
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    order = chunk_permutation(n, seed)
+    vals = layout.arrange(values, 0.0)
+    wave = layout.arrange(wavelength, 0.0)
+    oks = layout.arrange(ok, False)
+    b = vals.shape[1]
 
-    def arrange(a, fill):
-        a = np.pad(a[:, order], ((0, 0), (0, pad)), constant_values=fill)
-        return a.reshape(batch, n_chunks, chunk)
+    def one_chunk(args):
+        v, w, o = args
+        ids = jnp.where(o, model.cfg.pixel_token_id, PADDING_TOKEN_ID)
+        memory, key_mask = model.encode(v, jnp.where(o, w, 0.0), ids, train=False)
+        outs = [model.decode(memory, key_mask, jnp.full((b,), r, jnp.int32), train=False,
+                             return_attention=return_attention) for r in request_ids]
+        preds = jnp.stack([o_[0] for o_ in outs], 1)
+        sig = jnp.exp(0.5 * jnp.stack([o_[1] for o_ in outs], 1))
+        att = jnp.stack([o_[2] for o_ in outs], 0) if return_attention else None
+        return preds, sig, att
 
-    v, w, t = arrange(values, 0.0), arrange(wavelength, 0.0), arrange(token_ids, 0)
-    usable = ((t != PADDING_TOKEN_ID) & np.isfinite(v)).any(axis=-1)  # [B, n_chunks]
-    preds = np.full((batch, n_chunks), np.nan)
-    sigmas = np.full((batch, n_chunks), np.nan)
-    for c in range(n_chunks):
-        pred, logvar = apply_fn(v[:, c], w[:, c], t[:, c], request_ids)
-        preds[:, c] = np.asarray(pred, np.float64)
-        sigmas[:, c] = np.exp(0.5 * np.asarray(logvar, np.float64))
-    preds = np.where(usable, preds, np.nan)
-    sigmas = np.where(usable, sigmas, np.nan)
-    with warnings.catch_warnings():
-        # 'Mean of empty slice' for a star without usable chunks: NaN is the documented answer.
-        warnings.simplefilter("ignore", RuntimeWarning)
-        pred, sigma = np.nanmean(preds, axis=1), np.nanmean(sigmas, axis=1)
-    return (pred, sigma, preds, sigmas) if return_chunks else (pred, sigma)
+    preds, sigmas, att = jax.lax.map(one_chunk, (vals, wave, oks))   # [C, B, K]
+    usable = oks.any(-1)[:, :, None]                                   # [C, B, 1]
+    n = jnp.maximum(usable.sum(0), 1)
+    pred = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, preds, 0.0), 0) / n, jnp.nan)
+    sigma = jnp.where(usable.any(0), jnp.sum(jnp.where(usable, sigmas, 0.0), 0) / n, jnp.nan)
+    if return_attention:
+        return pred, sigma, att, oks
+    return pred, sigma
 
 
 def attention_map(attention, key_mask, pixel_index, num_pixels: int):

@@ -23,9 +23,10 @@ feature by ln(1 + z). ZScan uses that symmetry instead of asking a network to di
    trial shift into its logit, so lines can be combined non-linearly ("Hα and [NII] and
    [OIII] at the same shift"), and (``sub_bin``) into the offset of the redshift within the
    bin and its width: the distribution is a mixture of one Gaussian per bin, resolving the
-   redshift far below the bin width (60 km/s) as the matched filter's S/N allows. Optionally a learned log-prior over the redshifts of the
-   trained range (``prior``; constant beyond its ends, so bins outside the trained range are
-   not pushed down by the training and an out-of-range galaxy can still win and be flagged).
+   redshift far below the bin width (60 km/s) as the matched filter's S/N allows. Optionally
+   a learned log-prior over the redshifts of the trained range (``prior``; constant beyond its
+   ends, so bins outside the trained range are not pushed down by the training and an
+   out-of-range galaxy can still win and be flagged).
 
 The output is [B, M, 3] (logit, offset, ln σ per bin; [B, M] logits without ``sub_bin``) over
 M bins of ln(1+z): bin i is centred on ``ln(1+z) = (s_lo + i)·dlog``

@@ -21,28 +21,39 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from astropy.io import fits
 
+from spectrax.data import grids
 from spectrax.spectra import SpectrumError, sanitize_record
 
 
 @dataclasses.dataclass
 class ReadResult:
-    """What every native-grid reader returns.
+    """What every reader returns (all surveys, DESI included).
 
     Attributes:
       records: one dict per spectrum: ``flux`` [L] float32 (0 where bad), ``ivar`` [L] float32
         (0 where bad), ``mask`` [L] bool (True = valid), ``wavelength`` [L] float32 (vacuum Å,
-        the survey's native grid, −1 where unknown), ``labels`` [K] float32 (NaN = unknown, in
-        the order of ``label_names``), ``id`` np.int64, ``meta`` dict of JSON-able scalars.
+        the survey's native grid, −1 where unknown) unless ``grid`` is set, ``labels`` [K]
+        float32 (NaN = unknown, in the order of ``label_names``), ``id`` np.int64, ``meta``
+        dict of JSON-able scalars.
       counts: spectra skipped and pixels masked, by reason (the :func:`sanitize_record`
         counts are summed over the kept records).
       label_names: names of the K labels.
       paths: the files read, as strings.
+      grid: the wavelength grid every record shares, as a :func:`spectrax.data.grids.grid_array`
+        descriptor, when the records carry no ``wavelength`` of their own (DESI coadds: the
+        merged 7781-pixel grid); None when each record has its own.
     """
 
     records: list[dict]
     counts: dict[str, int]
     label_names: tuple[str, ...]
     paths: list[str] = dataclasses.field(default_factory=list)
+    grid: dict | None = None
+
+    @property
+    def wavelength(self) -> np.ndarray | None:
+        """The shared grid as [L] float64 Å (None when records carry their own)."""
+        return grids.grid_array(self.grid) if self.grid else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,14 @@
 A DESI coadd file (desispec ``coadd-*.fits``) holds, per camera c in {B, R, Z}, the images
 ``c_WAVELENGTH`` [Lc] (vacuum Å), ``c_FLUX`` [N, Lc] (1e-17 erg/s/cm²/Å), ``c_IVAR`` [N, Lc] and
 ``c_MASK`` [N, Lc] (a bitmask: 0 = good), plus a ``FIBERMAP`` table with one row per target.
-Redshifts come from the matching redrock file (``REDSHIFTS`` table), joined by TARGETID.
+Redshifts come from the matching redrock file (``REDSHIFTS`` table; ``ZBEST`` in the older
+``zbest-*.fits``), joined by TARGETID; their values travel in each record's ``meta`` as
+``REDROCK_Z``, ``REDROCK_ZWARN``, ... so they never share a name with a prediction.
+
+File layouts found in DESI releases, all read the same way (the redrock or zbest file sits in
+the same directory with the same suffix, see :func:`spectrax.data.readers.units_desi`): tile
+coadds ``tiles/cumulative/<TILE>/<NIGHT>/coadd-<PETAL>-<TILE>-thru<NIGHT>.fits`` and the DR1
+healpix layout ``healpix/<SURVEY>/<PROGRAM>/<HP//100>/<HP>/coadd-<SURVEY>-<PROGRAM>-<HP>.fits``.
 
 The cameras overlap (b/r 5760–5800 Å, r/z 7520–7620 Å); :func:`merge_cameras` combines them
 by inverse-variance weighting onto :func:`spectrax.data.grids.desi_wavelength`, which is what
@@ -12,18 +19,19 @@ SpecPT takes as input. The survey's sample cuts (:func:`bgs_quality_cuts`,
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from astropy.io import fits
 
-from spectrax.data.grids import DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP, desi_wavelength
+from spectrax.data.grids import (DESI_GRID, DESI_NPIX, DESI_WAVE_MIN, DESI_WAVE_STEP,
+                                  desi_wavelength)
+from spectrax.data.readers.common import ReadResult
 from spectrax.data.readers.common import hdu_names as _hdu_names
 from spectrax.data.readers.common import open_fits as _open_fits
 from spectrax.data.readers.common import table_columns as _table_columns
-from spectrax.spectra import SpectrumError, sanitize_record
+from spectrax.spectra import SpectrumError
 
 # Largest distance (Å) between a camera pixel and the grid pixel it is mapped to. Real coadds
 # sit on the grid to ~1e-9 Å; anything beyond 1e-3 Å means a different grid (e.g. a frame or
@@ -34,7 +42,7 @@ GRID_TOLERANCE = 1e-3
 # desispec) is read as a single camera on the same grid.
 CAMERA_NAMES = ("B", "R", "Z", "BRZ")
 
-# Why a FIBERMAP row can be left out (keys of DesiReadResult.counts).
+# Why a FIBERMAP row can be left out (keys of ReadResult.counts).
 SKIP_REASONS = ("sky_or_negative_targetid", "duplicate_targetid", "all_pixels_masked",
                 "no_redshift_match")
 
@@ -43,31 +51,13 @@ FIBERMAP_META = ("TARGET_RA", "TARGET_DEC", "OBJTYPE", "COADD_FIBERSTATUS", "TIL
                  "DESI_TARGET", "BGS_TARGET")
 REDSHIFT_META = ("Z", "ZERR", "ZWARN", "SPECTYPE", "SUBTYPE", "DELTACHI2", "CHI2", "NPIXELS",
                  "FOII_SNR")
-
-
-@dataclasses.dataclass
-class DesiReadResult:
-    """What :func:`read_desi_coadd` returns.
-
-    Attributes:
-      records: one dict per usable target: ``flux`` [7781] float32 (1e-17 erg/s/cm²/Å, 0 where
-        bad), ``ivar`` [7781] float32 (0 where bad), ``mask`` [7781] bool (True = valid),
-        ``id`` (TARGETID, np.int64), ``labels`` [1] float32 (redrock Z, NaN when unknown),
-        ``meta`` (dict of Python scalars from FIBERMAP and REDSHIFTS).
-      counts: what was skipped and why (``sky_or_negative_targetid``, ``duplicate_targetid``,
-        ``all_pixels_masked``, ``no_redshift_match``), targets kept without a redshift
-        (``labels_missing``), camera pixels excluded before merging (``camera_flagged``,
-        ``camera_nonfinite_flux``, ``camera_nonfinite_ivar``, ``camera_nonpositive_ivar``) and
-        the :func:`sanitize_record` counts of the kept merged spectra, summed and prefixed
-        ``merged_`` (``merged_flagged`` = grid pixels no camera covered validly).
-      wavelength: [7781] float64, the grid every record is on (vacuum Å).
-      path: the coadd file read.
-    """
-
-    records: list[dict]
-    counts: dict[str, int]
-    wavelength: np.ndarray
-    path: str
+# Values copied from a redrock file are stored under this prefix (REDROCK_Z, REDROCK_ZWARN, ...):
+# catalogues written by spectrax carry their OWN predictions under Redrock's names (Z, ZERR,
+# ZWARN, ...), and an input's redrock values must never be mistaken for them.
+REDROCK_PREFIX = "REDROCK_"
+# Names of the redshift table HDU: redrock files (Everest and later) and the older zbest files.
+REDSHIFT_HDUS = ("REDSHIFTS", "ZBEST")
+LABEL_NAMES = ("z",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +104,9 @@ def camera_grid_indices(wave: np.ndarray, camera: str = "?") -> np.ndarray:
 def camera_pixel_ok(flux: np.ndarray, ivar: np.ndarray,
                     bitmask: np.ndarray | None) -> np.ndarray:
     """[N, Lc] bool: camera pixels that may contribute (MASK == 0, ivar > 0, both finite)."""
-    ok = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+    with np.errstate(invalid="ignore"):
+        ok = (ivar > 0) & (ivar < np.inf)  # NaN fails both comparisons
+    ok &= np.isfinite(flux)
     if bitmask is not None:
         ok &= np.asarray(bitmask) == 0
     return ok
@@ -145,6 +137,21 @@ def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarr
       SpectrumError: if the cameras disagree on N, a camera's arrays disagree with its
         wavelength length, or a camera is not on the grid (see :func:`camera_grid_indices`).
     """
+    flux, ivar, good, _ = merge_and_count(waves, fluxes, ivars, masks)
+    return flux, ivar, good
+
+
+def merge_and_count(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarray],
+                    ivars: Mapping[str, np.ndarray],
+                    masks: Mapping[str, np.ndarray] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """:func:`merge_cameras`, plus the camera pixels it excluded, by the first reason that
+    applies (:func:`camera_excluded`), summed over all N spectra. Returns (flux, ivar, mask,
+    {reason: count}).
+
+    Arrays may be in the file's byte order (FITS is big-endian): the copies onto the grid
+    convert them, which saves a byte-swapping pass over every camera array.
+    """
     if not waves:
         raise SpectrumError("merge_cameras: no cameras given")
     masks = masks or {}
@@ -152,56 +159,103 @@ def merge_cameras(waves: Mapping[str, np.ndarray], fluxes: Mapping[str, np.ndarr
     if len(n_rows) != 1:
         raise SpectrumError(f"merge_cameras: cameras have different numbers of spectra {n_rows}")
     n = n_rows.pop()
-    # Accumulate in float64: the float32 products ivar·f are then exact, so a pixel seen by one
-    # camera only comes back bit-identical to that camera's flux.
-    num = np.zeros((n, DESI_NPIX), np.float64)
-    den = np.zeros((n, DESI_NPIX), np.float64)
-    for cam, wave in waves.items():
-        idx = camera_grid_indices(wave, cam)
-        flux = np.asarray(fluxes[cam], np.float64)
-        ivar = np.asarray(ivars[cam], np.float64)
+    cams = {cam: camera_grid_indices(wave, cam) for cam, wave in waves.items()}
+    cover = np.zeros(DESI_NPIX, np.int32)
+    for idx in cams.values():
+        cover[idx] += 1  # idx strictly increasing: no pixel counted twice per camera
+    # A pixel one camera covers is copied (bit-identical); only the camera overlaps
+    # (b/r 5760–5800 Å, r/z 7520–7620 Å) are weighted, accumulated in float64.
+    overlap = np.flatnonzero(cover > 1)
+    slot = np.full(DESI_NPIX, -1)
+    slot[overlap] = np.arange(overlap.size)
+    out_flux = np.zeros((n, DESI_NPIX), np.float32)
+    out_ivar = np.zeros((n, DESI_NPIX), np.float32)
+    good = np.zeros((n, DESI_NPIX), bool)
+    num = np.zeros((n, overlap.size), np.float64)
+    den = np.zeros((n, overlap.size), np.float64)
+    counts = dict.fromkeys(CAMERA_COUNTS, 0)
+    for cam, idx in cams.items():
+        flux, ivar = np.asarray(fluxes[cam]), np.asarray(ivars[cam])
         for name, arr in (("flux", flux), ("ivar", ivar)):
             if arr.shape != (n, idx.size):
                 raise SpectrumError(f"camera {cam}: {name} has shape {arr.shape}, expected "
                                     f"{(n, idx.size)} from its wavelength array")
         ok = camera_pixel_ok(flux, ivar, masks.get(cam))
-        w = np.where(ok, ivar, 0.0)
-        # idx is strictly increasing, so fancy-index += never hits the same pixel twice.
-        num[:, idx] += w * np.where(ok, flux, 0.0)
-        den[:, idx] += w
-    good = den > 0
-    merged = np.divide(num, den, out=np.zeros_like(num), where=good)
-    return merged.astype(np.float32), den.astype(np.float32), good
+        for key, value in _count_excluded(flux, ivar, masks.get(cam), ok).items():
+            counts[key] += value
+        alone = cover[idx] == 1
+        for src, dst in _runs(idx, alone):  # contiguous runs: slices, not fancy indexing
+            np.copyto(out_flux[:, dst], flux[:, src], where=ok[:, src])  # others stay 0
+            np.copyto(out_ivar[:, dst], ivar[:, src], where=ok[:, src])
+            good[:, dst] = ok[:, src]
+        if not alone.all():
+            shared, at = ~alone, slot[idx[~alone]]
+            w = np.where(ok[:, shared], ivar[:, shared].astype(np.float64), 0.0)
+            num[:, at] += w * np.where(ok[:, shared], flux[:, shared].astype(np.float64), 0.0)
+            den[:, at] += w
+    if overlap.size:
+        covered = den > 0
+        out_flux[:, overlap] = np.divide(num, den, out=np.zeros_like(num), where=covered)
+        out_ivar[:, overlap] = den
+        good[:, overlap] = covered
+    return out_flux, out_ivar, good, counts
 
 
-def camera_pixel_counts(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np.ndarray],
-                        masks: Mapping[str, np.ndarray] | None,
-                        rows: np.ndarray | None = None) -> dict[str, int]:
-    """Counts camera pixels that :func:`merge_cameras` excludes, by first reason that applies.
+CAMERA_COUNTS = ("camera_flagged", "camera_nonfinite_flux", "camera_nonfinite_ivar",
+                 "camera_nonpositive_ivar")
 
-    A pixel flagged in MASK counts as ``camera_flagged`` only; an unflagged one with non-finite
-    flux as ``camera_nonfinite_flux``; then non-finite ivar; then ivar <= 0. ``rows`` restricts
-    the count to the given spectra (those kept), so skipped sky fibres do not inflate it.
-    """
-    counts = dict.fromkeys(("camera_flagged", "camera_nonfinite_flux", "camera_nonfinite_ivar",
-                            "camera_nonpositive_ivar"), 0)
+
+def _count_excluded(flux, ivar, bitmask, ok) -> dict[str, int]:
+    """One camera's excluded pixels by reason (:func:`camera_excluded`), given its ``ok``.
+    Usually every excluded pixel is flagged in MASK: then two counts suffice, and the
+    breakdown by reason is computed only when one is not."""
+    flagged = np.asarray(bitmask) != 0 if bitmask is not None else np.zeros(ok.shape, bool)
+    out = dict.fromkeys(CAMERA_COUNTS, 0)
+    out["camera_flagged"] = n_flagged = int(np.count_nonzero(flagged))
+    if ok.size - int(np.count_nonzero(ok)) == n_flagged:
+        return out
+    left = ~flagged
+    for key, bad in (("camera_nonfinite_flux", ~np.isfinite(flux)),
+                     ("camera_nonfinite_ivar", ~np.isfinite(ivar))):
+        bad &= left
+        out[key] = int(np.count_nonzero(bad))
+        left &= ~bad
+    with np.errstate(invalid="ignore"):
+        out["camera_nonpositive_ivar"] = int(np.count_nonzero(left & (ivar <= 0)))
+    return out
+
+
+def camera_excluded(fluxes: Mapping[str, np.ndarray], ivars: Mapping[str, np.ndarray],
+                    masks: Mapping[str, np.ndarray] | None, rows: np.ndarray
+                    ) -> dict[str, int]:
+    """Camera pixels of spectra ``rows`` that :func:`merge_cameras` excludes, by the first
+    reason that applies: a pixel flagged in MASK counts as ``camera_flagged`` only; an
+    unflagged one with non-finite flux as ``camera_nonfinite_flux``; then non-finite ivar
+    (``camera_nonfinite_ivar``); then ivar <= 0 (``camera_nonpositive_ivar``)."""
     masks = masks or {}
+    out = dict.fromkeys(CAMERA_COUNTS, 0)
     for cam in fluxes:
-        flux = np.asarray(fluxes[cam])
-        ivar = np.asarray(ivars[cam])
-        flagged = (np.asarray(masks[cam]) != 0) if cam in masks else np.zeros(flux.shape, bool)
-        if rows is not None:
-            flux, ivar, flagged = flux[rows], ivar[rows], flagged[rows]
-        left = ~flagged
-        counts["camera_flagged"] += int(flagged.sum())
-        bad = left & ~np.isfinite(flux)
-        counts["camera_nonfinite_flux"] += int(bad.sum())
-        left &= ~bad
-        bad = left & ~np.isfinite(ivar)
-        counts["camera_nonfinite_ivar"] += int(bad.sum())
-        left &= ~bad
-        counts["camera_nonpositive_ivar"] += int((left & (ivar <= 0)).sum())
-    return counts
+        flux, ivar = np.asarray(fluxes[cam])[rows], np.asarray(ivars[cam])[rows]
+        mask = np.asarray(masks[cam])[rows] if cam in masks else None
+        for key, value in _count_excluded(flux, ivar, mask,
+                                          camera_pixel_ok(flux, ivar, mask)).items():
+            out[key] += value
+    return out
+
+
+def _runs(idx: np.ndarray, select: np.ndarray) -> list[tuple[slice, slice]]:
+    """(camera slice, grid slice) pairs covering the selected camera pixels, one per run of
+    consecutive selected pixels whose grid indices are consecutive too."""
+    k = np.flatnonzero(select)
+    if k.size == 0:
+        return []
+    # a run breaks where the camera index or the grid index jumps
+    breaks = np.flatnonzero((np.diff(k) != 1) | (np.diff(idx[k]) != 1)) + 1
+    out = []
+    for run in np.split(k, breaks):
+        a, b = int(run[0]), int(run[-1]) + 1
+        out.append((slice(a, b), slice(int(idx[a]), int(idx[b - 1]) + 1)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,11 +281,11 @@ def _read_cameras(hdul: fits.HDUList, path: Path, n_rows: int) -> tuple[dict, di
         raise SpectrumError(f"{path}: no camera found (looked for {looked_for}); "
                             f"the file has {_hdu_names(hdul)}")
     waves, fluxes, ivars, masks = {}, {}, {}, {}
-    for cam in cams:
+    for cam in cams:  # as in the file (big-endian): the merge converts while it copies
         waves[cam] = np.asarray(_get_data(hdul, f"{cam}_WAVELENGTH", path), np.float64)
-        fluxes[cam] = np.asarray(_get_data(hdul, f"{cam}_FLUX", path), np.float64)
-        ivars[cam] = np.asarray(_get_data(hdul, f"{cam}_IVAR", path), np.float64)
-        masks[cam] = np.asarray(_get_data(hdul, f"{cam}_MASK", path)).astype(np.int64)
+        fluxes[cam] = np.asarray(_get_data(hdul, f"{cam}_FLUX", path))
+        ivars[cam] = np.asarray(_get_data(hdul, f"{cam}_IVAR", path))
+        masks[cam] = np.asarray(_get_data(hdul, f"{cam}_MASK", path))
         for name, arr in (("FLUX", fluxes[cam]), ("IVAR", ivars[cam]), ("MASK", masks[cam])):
             if arr.shape != (n_rows, waves[cam].size):
                 raise SpectrumError(
@@ -240,14 +294,18 @@ def _read_cameras(hdul: fits.HDUList, path: Path, n_rows: int) -> tuple[dict, di
     return waves, fluxes, ivars, masks
 
 
-def read_redshifts(path: str | Path, *, hdu: str = "REDSHIFTS") -> dict[str, np.ndarray]:
-    """Reads a redrock REDSHIFTS table as {column: [M] array} (TARGETID and Z required).
+def read_redshifts(path: str | Path, *, hdu: str | None = None) -> dict[str, np.ndarray]:
+    """Reads a redrock REDSHIFTS (or older zbest ZBEST) table as {column: [M] array}; TARGETID
+    and Z are required.
 
     String columns (SPECTYPE, SUBTYPE) come back stripped ``str``; vector columns (COEFF) are
-    kept as [M, K] arrays. Raises SpectrumError naming the file if the HDU or a column is missing.
+    kept as [M, K] arrays. ``hdu`` None takes the first of :data:`REDSHIFT_HDUS` the file has.
+    Raises SpectrumError naming the file if the HDU or a column is missing.
     """
     path = Path(path)
     with _open_fits(path) as hdul:
+        if hdu is None:
+            hdu = next((h for h in REDSHIFT_HDUS if h in hdul), REDSHIFT_HDUS[0])
         table = _get_data(hdul, hdu, path)
         return _table_columns(table, ("TARGETID", "Z"),
                               [c for c in table.columns.names if c not in ("TARGETID", "Z")],
@@ -257,20 +315,6 @@ def read_redshifts(path: str | Path, *, hdu: str = "REDSHIFTS") -> dict[str, np.
 # ----------------------------------------------------------------------------------------------
 # Coadd reader
 # ----------------------------------------------------------------------------------------------
-
-def _scalar(value: Any) -> Any:
-    """A numpy scalar as the matching Python scalar (str, int, float, bool)."""
-    if isinstance(value, (bytes, np.bytes_)):
-        return value.decode().strip()
-    if isinstance(value, (str, np.str_)):
-        return str(value).strip()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _row_meta(columns: Mapping[str, np.ndarray], row: int, names: Sequence[str]) -> dict:
-    return {k: _scalar(columns[k][row]) for k in names
-            if k in columns and np.ndim(columns[k]) == 1}
-
 
 def _redshift_lookup(z_cols: Mapping[str, np.ndarray] | None,
                      counts: dict[str, int]) -> dict[int, int]:
@@ -295,10 +339,11 @@ def _load_redshift_table(coadd_hdul: fits.HDUList, coadd_path: Path,
     """
     if redrock_path is not None:
         return read_redshifts(redrock_path)
-    if "REDSHIFTS" in coadd_hdul:
-        table = _get_data(coadd_hdul, "REDSHIFTS", coadd_path)
-        return _table_columns(table, ("TARGETID", "Z"), REDSHIFT_META,
-                              f"{coadd_path} HDU REDSHIFTS")
+    for hdu in REDSHIFT_HDUS:
+        if hdu in coadd_hdul:
+            table = _get_data(coadd_hdul, hdu, coadd_path)
+            return _table_columns(table, ("TARGETID", "Z"), REDSHIFT_META,
+                                  f"{coadd_path} HDU {hdu}")
     if require_redshift:
         raise SpectrumError(
             f"{coadd_path}: require_redshift=True but no redrock file was given and the coadd "
@@ -311,7 +356,7 @@ def _bump(counts: dict[str, int], key: str, by: int = 1) -> None:
 
 
 def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = None, *,
-                    require_redshift: bool = False) -> DesiReadResult:
+                    require_redshift: bool = False) -> ReadResult:
     """Reads a DESI coadd, merges its cameras and joins redrock redshifts by TARGETID.
 
     Rows are skipped, and counted, when they are sky fibres (FIBERMAP OBJTYPE == 'SKY') or have
@@ -326,7 +371,16 @@ def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = No
         redshift are skipped; if False they are kept with label NaN.
 
     Returns:
-      :class:`DesiReadResult` (records on the 7781-pixel grid, counts, grid, path).
+      :class:`~spectrax.data.readers.common.ReadResult`: records on the 7781-pixel grid
+      (``grid`` = :data:`spectrax.data.grids.DESI_GRID`; records carry no wavelength array),
+      label ``("z",)`` = redrock Z (NaN when unknown), ``meta`` with the FIBERMAP columns and
+      the redrock columns under ``REDROCK_`` (REDROCK_Z, REDROCK_ZWARN, ...), ``counts``: what
+      was skipped and why (``sky_or_negative_targetid``, ``duplicate_targetid``,
+      ``all_pixels_masked``, ``no_redshift_match``), targets kept without a redshift
+      (``labels_missing``), camera pixels excluded before merging (``camera_flagged``,
+      ``camera_nonfinite_flux``, ``camera_nonfinite_ivar``, ``camera_nonpositive_ivar``) and
+      the :func:`sanitize_record` counts of the kept merged spectra, prefixed ``merged_``
+      (``merged_flagged`` = grid pixels no camera covered validly).
 
     Raises:
       SpectrumError: naming the file (and row/TARGETID for per-record problems) when the file
@@ -342,79 +396,74 @@ def read_desi_coadd(coadd_path: str | Path, redrock_path: str | Path | None = No
 
     # Every skip reason is reported, zeros included, so callers can index counts directly.
     counts: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
-    flux, ivar, good = merge_cameras(waves, fluxes, ivars, masks)
-    coadd = _MergedCoadd(path=path, fibermap=fibermap, z_cols=z_cols,
-                         z_row_of=_redshift_lookup(z_cols, counts), flux=flux, ivar=ivar,
-                         good=good)
-    records, kept_rows, seen = [], [], set()
-    for row in range(n_rows):
-        record = _make_record(coadd, row, require_redshift, seen, counts)
-        if record is not None:
-            records.append(record)
-            kept_rows.append(row)
-    for key, value in camera_pixel_counts(fluxes, ivars, masks,
-                                          np.asarray(kept_rows, np.int64)).items():
-        _bump(counts, key, value)
-    return DesiReadResult(records=records, counts=counts, wavelength=desi_wavelength(),
-                          path=str(path))
-
-
-@dataclasses.dataclass(frozen=True)
-class _MergedCoadd:
-    """One coadd after reading and merging: what turning a row into a record needs."""
-
-    path: Path
-    fibermap: Mapping[str, np.ndarray]         # FIBERMAP columns, [N] each
-    z_cols: Mapping[str, np.ndarray] | None    # REDSHIFTS columns, [M] each (None: no redshifts)
-    z_row_of: Mapping[int, int]                # TARGETID → REDSHIFTS row
-    flux: np.ndarray                           # [N, 7781] float32, merged
-    ivar: np.ndarray                           # [N, 7781] float32, merged
-    good: np.ndarray                           # [N, 7781] bool, True = valid
-
-
-def _is_sky_or_unassigned(fibermap: Mapping[str, np.ndarray], row: int, tid: int) -> bool:
-    objtype = fibermap["OBJTYPE"][row] if "OBJTYPE" in fibermap else ""
-    return tid < 0 or objtype == "SKY"
-
-
-def _make_record(coadd: _MergedCoadd, row: int, require_redshift: bool, seen: set,
-                 counts: dict[str, int]) -> dict | None:
-    """One FIBERMAP row as a sanitized record, or None (with the reason counted) if skipped.
-
-    ``seen`` collects the TARGETIDs already taken, so repeats are skipped; ``counts`` is
-    updated in place.
-    """
-    tid = int(coadd.fibermap["TARGETID"][row])
-    if _is_sky_or_unassigned(coadd.fibermap, row, tid):
-        _bump(counts, "sky_or_negative_targetid")
-        return None
-    if tid in seen:
-        _bump(counts, "duplicate_targetid")
-        return None
-    seen.add(tid)
-    z_row = coadd.z_row_of.get(tid)
-    if z_row is None and require_redshift:
-        _bump(counts, "no_redshift_match")
-        return None
-    meta = _row_meta(coadd.fibermap, row, FIBERMAP_META)
-    label = np.nan
-    if z_row is not None:
-        meta.update(_row_meta(coadd.z_cols, z_row, REDSHIFT_META))
-        label = float(coadd.z_cols["Z"][z_row])
-    where = f"{coadd.path} row {row} (TARGETID {tid})"
-    clean, pix = sanitize_record({"flux": coadd.flux[row], "ivar": coadd.ivar[row],
-                                  "mask": coadd.good[row],
-                                  "labels": np.array([label], np.float32)}, where=where)
-    if pix["valid_pixels"] == 0:
-        _bump(counts, "all_pixels_masked")
-        return None
-    if z_row is None:
-        _bump(counts, "labels_missing")
+    z_row_of = _redshift_lookup(z_cols, counts)
+    rows, z_rows = _rows_to_read(fibermap, z_row_of, require_redshift, counts)
+    flux, ivar, good, camera = merge_and_count(waves, fluxes, ivars, masks)
+    if len(rows) < len(flux):  # (a copy only when some rows are skipped)
+        flux, ivar, good = flux[rows], ivar[rows], good[rows]
+    # merge_cameras' output already obeys sanitize_record's rules (bad pixels: flux 0, ivar 0,
+    # mask False; valid ones finite with ivar > 0; tested), so only its counts are taken here.
+    valid = np.count_nonzero(good, axis=1)
+    has_data = valid > 0
+    counts["all_pixels_masked"] += int((~has_data).sum())
+    counts["labels_missing"] = int(sum(1 for z, ok in zip(z_rows, has_data) if ok and z is None))
+    pix = {"nonfinite_flux": 0, "nonfinite_ivar": 0, "nonpositive_ivar": 0,
+           "flagged": int((DESI_NPIX - valid)[has_data].sum()),
+           "valid_pixels": int(valid[has_data].sum())}
     for key, value in pix.items():
         _bump(counts, f"merged_{key}", value)
-    clean["id"] = np.int64(tid)
-    clean["meta"] = meta
-    return clean
+    fm = {k: v.tolist() for k, v in fibermap.items() if k in FIBERMAP_META and v.ndim == 1}
+    zc = ({k: v.tolist() for k, v in z_cols.items() if k in REDSHIFT_META and v.ndim == 1}
+          if z_cols is not None else {})
+    records = []
+    for i, (row, z_row) in enumerate(zip(rows, z_rows)):
+        if not has_data[i]:
+            continue
+        meta = {k: v[row] for k, v in fm.items()}
+        if z_row is not None:
+            meta.update({REDROCK_PREFIX + k: v[z_row] for k, v in zc.items()})
+        z = zc["Z"][z_row] if z_row is not None else np.nan
+        records.append({"flux": flux[i], "ivar": ivar[i], "mask": good[i],
+                        "labels": np.array([z], np.float32),
+                        "id": np.int64(fibermap["TARGETID"][row]), "meta": meta})
+    # Camera pixels excluded, over the kept spectra: the merge's totals minus those of the
+    # rows not kept (sky fibres, repeats, all-masked rows: usually few).
+    kept = np.zeros(len(fibermap["TARGETID"]), bool)
+    kept[np.asarray(rows, np.int64)[has_data]] = True
+    dropped = camera_excluded(fluxes, ivars, masks, np.flatnonzero(~kept)) if not kept.all() \
+        else dict.fromkeys(CAMERA_COUNTS, 0)
+    for key, total in camera.items():
+        _bump(counts, key, total - dropped[key])
+    paths = [str(path)] + ([str(redrock_path)] if redrock_path is not None else [])
+    return ReadResult(records, counts, LABEL_NAMES, paths, grid=dict(DESI_GRID))
+
+
+def _rows_to_read(fibermap: Mapping[str, np.ndarray], z_row_of: Mapping[int, int],
+                  require_redshift: bool, counts: dict[str, int]
+                  ) -> tuple[list[int], list[int | None]]:
+    """FIBERMAP rows to make records of, and their REDSHIFTS rows (None: no redshift).
+
+    Skipped, and counted in ``counts``: sky fibres and negative TARGETIDs, repeats of a
+    TARGETID already taken (the first is kept) and, with ``require_redshift``, rows without a
+    redshift."""
+    tids = fibermap["TARGETID"].tolist()
+    objtype = fibermap["OBJTYPE"].tolist() if "OBJTYPE" in fibermap else [""] * len(tids)
+    rows, z_rows, seen = [], [], set()
+    for row, (tid, kind) in enumerate(zip(tids, objtype)):
+        if tid < 0 or kind == "SKY":
+            _bump(counts, "sky_or_negative_targetid")
+            continue
+        if tid in seen:
+            _bump(counts, "duplicate_targetid")
+            continue
+        seen.add(tid)
+        z_row = z_row_of.get(tid)
+        if z_row is None and require_redshift:
+            _bump(counts, "no_redshift_match")
+            continue
+        rows.append(row)
+        z_rows.append(z_row)
+    return rows, z_rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,14 +486,17 @@ class CutReport(dict):
 
 
 def _catalogue_columns(catalogue: Any) -> dict[str, np.ndarray]:
-    """{column: [M] array} from records (dicts with "meta"), a DesiReadResult, a FITS/astropy
-    table or a dict of arrays. A column missing from some records is NaN / '' there."""
-    if isinstance(catalogue, DesiReadResult):
+    """{column: [M] array} from records (dicts with "meta"), a ReadResult, a FITS/astropy
+    table or a dict of arrays. A column missing from some records is NaN / '' there. Record
+    meta holds redrock values as REDROCK_<name>; they are returned under the plain redrock
+    names, as a REDSHIFTS table has them, so the cuts read one set of names."""
+    if isinstance(catalogue, ReadResult):
         catalogue = catalogue.records
     if isinstance(catalogue, Mapping):
         return {k: np.asarray(v) for k, v in catalogue.items()}
     if isinstance(catalogue, (list, tuple)):
-        metas = [r.get("meta", r) for r in catalogue]
+        metas = [{k.removeprefix(REDROCK_PREFIX): v for k, v in r.get("meta", r).items()}
+                 for r in catalogue]
         names = sorted({k for m in metas for k in m})
         cols = {}
         for k in names:
@@ -457,14 +509,14 @@ def _catalogue_columns(catalogue: Any) -> dict[str, np.ndarray]:
         getattr(catalogue, "colnames", None)
     if names is None:
         raise TypeError(f"cannot read catalogue columns from {type(catalogue).__name__}; pass "
-                        "records, a DesiReadResult, a FITS/astropy table or a dict of arrays")
+                        "records, a ReadResult, a FITS/astropy table or a dict of arrays")
     return _table_columns(catalogue, (), list(names), "catalogue")
 
 
 def _num_rows(cols: Mapping[str, np.ndarray], catalogue: Any) -> int:
     if cols:
         return len(next(iter(cols.values())))
-    return len(catalogue.records if isinstance(catalogue, DesiReadResult) else catalogue)
+    return len(catalogue.records if isinstance(catalogue, ReadResult) else catalogue)
 
 
 def _apply_cuts(catalogue: Any,
@@ -495,7 +547,7 @@ def bgs_quality_cuts(catalogue: Any) -> tuple[np.ndarray, CutReport]:
     whose column is absent is skipped and listed in ``report.skipped``. NaN values fail a cut.
 
     Args:
-      catalogue: records from :func:`read_desi_coadd` (their ``meta``), a DesiReadResult, a
+      catalogue: records from :func:`read_desi_coadd` (their ``meta``), a ReadResult, a
         REDSHIFTS FITS table / astropy Table, or a dict {column: [M] array}.
 
     Returns:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import h5py
 import numpy as np
 
 from spectrax.data.readers.common import (ReadResult, as_paths, bump, finish_record, scalar,
@@ -55,7 +56,6 @@ def required_fields(survey: str) -> tuple[str, ...]:
 
 def _load(path: Path, survey: str, label_columns: Sequence[str]) -> dict[str, np.ndarray]:
     """The needed datasets of one file as numpy arrays; SpectrumError naming missing fields."""
-    import h5py
 
     if not path.exists():
         raise SpectrumError(f"{path}: file not found")

@@ -3,8 +3,10 @@
 A spec-lite file holds one spectrum: HDU ``COADD`` is a table with one row per pixel
 (``loglam`` = log10 of the vacuum wavelength in Å, ``flux`` in 1e-17 erg/s/cm²/Å, ``ivar`` its
 inverse variance, ``and_mask`` the pixel bitmask that is set when every exposure flagged the
-pixel); HDU ``SPECOBJ`` is the one-row spectroscopic catalogue entry (Z, CLASS, SUBCLASS,
-SPECOBJID, PLATE, MJD, FIBERID, ...).
+pixel); the second HDU is the one-row spectroscopic catalogue entry (Z, CLASS, SUBCLASS,
+SPECOBJID, PLATE, MJD, FIBERID, ...), named ``SPECOBJ`` in SDSS-I/II (DR7-era run2d 26) files
+and ``SPALL`` in every BOSS/eBOSS file from DR9 on (run2d v5_x): both are read, with the same
+columns.
 
 A pixel is bad when ``and_mask != 0`` or ``ivar <= 0`` (counted as ``flagged`` and
 ``nonpositive_ivar`` by :func:`spectrax.spectra.sanitize_record`).
@@ -21,6 +23,8 @@ from spectrax.data.readers.common import (ReadResult, as_paths, bump, finish_rec
 from spectrax.spectra import CLASS_IDS, SpectrumError
 
 LABEL_NAMES = ("z", "class")
+# The catalogue-row HDU: SPECOBJ (SDSS-I/II), SPALL (BOSS/eBOSS, DR9 on).
+CATALOGUE_HDUS = ("SPECOBJ", "SPALL")
 SPECOBJ_META = ("Z", "Z_ERR", "ZWARNING", "CLASS", "SUBCLASS", "PLATE", "MJD", "FIBERID",
                 "PLUG_RA", "PLUG_DEC", "SN_MEDIAN_ALL", "SPECPRIMARY", "RUN2D")
 
@@ -34,7 +38,7 @@ def pack_plate_mjd_fiber(plate: int, mjd: int, fiber: int) -> np.int64:
 
 
 def _labels_and_id(spec: dict[str, np.ndarray], path: Path, counts: dict) -> tuple:
-    """(labels [2] float32, id, meta) from the SPECOBJ columns of row 0."""
+    """(labels [2] float32, id, meta) from the SPECOBJ/SPALL columns of row 0."""
     z = float(spec["Z"][0]) if "Z" in spec else np.nan
     cls = str(spec["CLASS"][0]).upper() if "CLASS" in spec else ""
     cls_id = float(CLASS_IDS[cls]) if cls in CLASS_IDS else np.nan
@@ -47,7 +51,8 @@ def _labels_and_id(spec: dict[str, np.ndarray], path: Path, counts: dict) -> tup
         tid = pack_plate_mjd_fiber(spec["PLATE"][0], spec["MJD"][0], spec["FIBERID"][0])
         bump(counts, "id_from_plate_mjd_fiber")
     else:
-        raise SpectrumError(f"{path}: SPECOBJ has neither SPECOBJID nor PLATE/MJD/FIBERID; "
+        raise SpectrumError(f"{path}: the catalogue HDU has neither SPECOBJID nor "
+                            "PLATE/MJD/FIBERID; "
                             "cannot give the spectrum an id")
     meta = {k: spec[k][0] for k in SPECOBJ_META if k in spec and np.ndim(spec[k]) == 1}
     meta.update(survey="sdss", file=path.name, SPECOBJID=sid or None)
@@ -65,8 +70,9 @@ def read_sdss_file(path: str | Path, counts: dict[str, int] | None = None) -> di
     with open_fits(path) as hdul:
         coadd = table_columns(get_hdu(hdul, "COADD", path).data,
                               ("loglam", "flux", "ivar", "and_mask"), (), f"{path} HDU COADD")
-        spec = table_columns(get_hdu(hdul, "SPECOBJ", path).data, (),
-                             ("Z", "CLASS", "SPECOBJID", *SPECOBJ_META), f"{path} HDU SPECOBJ")
+        name = next((h for h in CATALOGUE_HDUS if h in hdul), CATALOGUE_HDUS[0])
+        spec = table_columns(get_hdu(hdul, name, path).data, (),
+                             ("Z", "CLASS", "SPECOBJID", *SPECOBJ_META), f"{path} HDU {name}")
     labels, tid, meta = _labels_and_id(spec, path, counts)
     # loglam is stored as float32; 10** in float64 keeps the grid as exact as the file allows.
     wave = 10.0 ** np.asarray(coadd["loglam"], np.float64)
@@ -87,7 +93,7 @@ def read_sdss(paths: str | Path | Sequence[str | Path]) -> ReadResult:
       ``nonpositive_ivar``, ...), ``all_pixels_masked``, ``labels_missing``.
 
     Raises:
-      SpectrumError: naming the file when it is missing, truncated, lacks COADD/SPECOBJ or a
+      SpectrumError: naming the file when it is missing, truncated, lacks COADD/SPECOBJ(SPALL) or a
         column (listing what it has), or has unsorted wavelengths.
     """
     files = as_paths(paths)
