@@ -259,23 +259,34 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("survey", "auto", ["auto", *sorted(READERS)],
-                  "Survey of --input (desi: 7781-pixel grid; others: native grids; auto: from "
-                  "the file names).")
-flags.DEFINE_multi_string("input", [], "Files or directories to read (repeat the flag, or "
-                          "separate paths with commas).")
-flags.DEFINE_string("output", None, "Shard directory to write.")
-flags.DEFINE_enum("cuts", "bgs", ["bgs", "elg", "none"],
-                  "Quality cuts (SPECS.md section 1; DESI only).")
-flags.DEFINE_list("fractions", ["0.7", "0.15", "0.15"], "train,val,test fractions.")
-flags.DEFINE_integer("seed", 0, "Seed of the id-hash split assignment.")
-flags.DEFINE_bool("require_redshift", True, "DESI: drop (and count) spectra without a redshift.")
-flags.DEFINE_integer("workers", os.cpu_count() or 1,
-                     "Local worker processes (Beam DirectRunner); ignored with --runner.")
-flags.DEFINE_bool("strict", False, "Stop at the first file that cannot be read (default: skip "
-                  "it, name it, exit with status 1 at the end).")
-flags.DEFINE_integer("spectra_per_group", 2048, "About how many spectra one pipeline element "
-                     "(and one shard file per split) holds.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the command-line flags in ``flag_values``; called only when run as a program.
+
+    Not at import: spectrax.predict defines --input/--output/--survey/--strict too, and its
+    refinement mode reads the training data through :func:`ensure_data`, so importing this
+    module must not define flags (absl refuses a flag defined by two modules)."""
+    fv = flag_values
+    flags.DEFINE_enum("survey", "auto", ["auto", *sorted(READERS)],
+                      "Survey of --input (desi: 7781-pixel grid; others: native grids; auto: "
+                      "from the file names).", flag_values=fv)
+    flags.DEFINE_multi_string("input", [], "Files or directories to read (repeat the flag, or "
+                              "separate paths with commas).", flag_values=fv)
+    flags.DEFINE_string("output", None, "Shard directory to write.", flag_values=fv)
+    flags.DEFINE_enum("cuts", "bgs", ["bgs", "elg", "none"],
+                      "Quality cuts (SPECS.md section 1; DESI only).", flag_values=fv)
+    flags.DEFINE_list("fractions", ["0.7", "0.15", "0.15"], "train,val,test fractions.",
+                      flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the id-hash split assignment.", flag_values=fv)
+    flags.DEFINE_bool("require_redshift", True, "DESI: drop (and count) spectra without a "
+                      "redshift.", flag_values=fv)
+    flags.DEFINE_integer("workers", os.cpu_count() or 1, "Local worker processes (Beam "
+                         "DirectRunner); ignored with --runner.", flag_values=fv)
+    flags.DEFINE_bool("strict", False, "Stop at the first file that cannot be read (default: "
+                      "skip it, name it, exit with status 1 at the end).", flag_values=fv)
+    flags.DEFINE_integer("spectra_per_group", 2048, "About how many spectra one pipeline "
+                         "element (and one shard file per split) holds.", flag_values=fv)
 
 
 def split_inputs(values: Sequence[str]) -> list[str]:
@@ -312,6 +323,7 @@ def main(argv):
 
 def run() -> None:
     """Entry point: absl flags, the rest of the command line left to Beam."""
+    define_flags()
     app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
 
 

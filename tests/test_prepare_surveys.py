@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
 from astropy.io import fits
 
 from spectrax import prepare
@@ -54,7 +55,9 @@ def test_prepare_native_survey(tmp_path, survey):
 
 def test_registry_covers_every_survey_and_cli_accepts_them():
     assert set(READERS) == {"desi", "sdss", "lamost", "apogee", "galah", "mmu"}
-    assert prepare.FLAGS["survey"].parser.enum_values == ["auto", *sorted(READERS)]
+    fv = flags.FlagValues()
+    prepare.define_flags(fv)
+    assert fv["survey"].parser.enum_values == ["auto", *sorted(READERS)]
     assert READERS["desi"].native_grid is False and READERS["sdss"].LABEL_NAMES == ("z", "class")
     # every real fixture is recognised as its own survey's by name
     for survey in ("desi", "sdss", "lamost", "apogee", "galah"):
