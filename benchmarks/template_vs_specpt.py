@@ -111,23 +111,21 @@ def scores(z_true, z_pred, zerr=None, zwarn=None, snr=None) -> dict:
     return row
 
 
-def learned_and_refined(config, run: Path, test: dict, templates, batch_size: int,
-                        half_window: int):
-    """(learned result, learned seconds, refined result, refined seconds, checkpoint step) on
-    ``test``."""
+def learned_and_refined(config, run: Path, test: dict, batch_size: int, half_window: int):
+    """(learned result, learned seconds, refined result, refined seconds, checkpoint step,
+    ZERR calibration) on ``test``; the refinement is ``predict --refine``'s
+    (:class:`spectrax.predict.Refiner`: templates of the first --n_train training spectra,
+    ZERR calibration fitted on the validation split, both cached in the run directory)."""
     import jax
 
-    from spectrax import redshift
     from spectrax.inference import InferenceModel
+    from spectrax.predict import Refiner
 
     predictor = InferenceModel.from_checkpoint(config, run)
-    z_range = predictor.task.z_train_range
+    refine = Refiner.for_run(config, run, predictor, n_templates=FLAGS.n_train,
+                             half_window=half_window)
     batches = host_batches(test, batch_size)
     n = len(test["z"])
-
-    def refine(b, out):
-        return redshift.refine_columns(b, out, templates, z_train_range=z_range,
-                                       half_window=half_window)
 
     warm = predictor(batches[0])                 # compile predict and the χ² window (excluded)
     refine(batches[0], warm)
@@ -143,7 +141,7 @@ def learned_and_refined(config, run: Path, test: dict, templates, batch_size: in
     cat = lambda key, parts: np.concatenate([p[key] for p in parts])[:n]  # noqa: E731
     learned = {k: cat(k, outs) for k in ("z_pred", "z_err", "zwarn")}
     refined = {k: cat(k, cols) for k in ("Z", "ZERR", "ZWARN", "DELTACHI2")}
-    return learned, t_learned, refined, t_refined, predictor.step
+    return learned, t_learned, refined, t_refined, predictor.step, refine.zerr_calibration
 
 
 def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
@@ -175,14 +173,14 @@ def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
         print(f"{sample}: no trained run at {run} (train configs/specpt_redshift_{sample}.py "
               "first); learned rows skipped", flush=True)
         return rows
-    learned, t_l, refined, t_r, step = learned_and_refined(
-        config, run, test, templates, FLAGS.batch, FLAGS.half_window)
+    learned, t_l, refined, t_r, step, calibration = learned_and_refined(
+        config, run, test, FLAGS.batch, FLAGS.half_window)
     rows.append({**base, "method": f"learned ({config.model.name}:{config.model.variant})",
                  "run": str(run), "step": step,
                  **scores(z_true, learned["z_pred"], learned["z_err"], learned["zwarn"], snr),
                  "spectra_per_s": n / t_l})
     rows.append({**base, "method": "learned + χ² refine", "run": str(run), "step": step,
-                 "half_window": FLAGS.half_window,
+                 "half_window": FLAGS.half_window, "zerr_calibration": calibration,
                  **scores(z_true, refined["Z"], refined["ZERR"], refined["ZWARN"], snr),
                  "spectra_per_s": n / t_r})
     return rows

@@ -1,7 +1,7 @@
 r"""Batch inference to one FITS catalogue: ``python -m spectrax.predict``.
 
     python -m spectrax.predict --config=configs/specpt_redshift_bgs.py \
-        --checkpoint=runs/specpt_redshift_bgs-tokens --input=data/my_desi \
+        --checkpoint=runs/specpt_redshift_bgs-zscan --input=data/my_desi \
         --output=catalog.fits
 
 ``--input`` takes what ``spectrax.prepare`` takes, and shard directories: raw files of any
@@ -18,8 +18,9 @@ reader found, SOURCE (the file) and SPLIT (shard inputs).
 Redshift models that output a distribution (``zscan``) write Redrock's columns Z, ZERR, ZWARN,
 DELTACHI2, SPECTYPE (:mod:`spectrax.redshift`). ``--refine`` adds the learned-proposal + χ²
 mode: the model's candidate redshifts are refined by a χ² template fit over narrow windows
-(:func:`spectrax.redshift.refine_columns`; templates fitted on the config's training split,
-cached in the run directory as ``refine_templates.npz``), so Z, ZERR, ZWARN and DELTACHI2 hold
+(:func:`spectrax.redshift.refine_columns`; templates fitted on the config's training split and
+the refined ZERR's calibration fitted on its validation split, cached in the run directory as
+``refine_templates.npz`` and ``refine_zerr.json``), so Z, ZERR, ZWARN and DELTACHI2 hold
 the refined values (CHI2 added) and the learned ones move to Z_LEARNED, ZERR_LEARNED,
 ZWARN_LEARNED and DELTACHI2_LEARNED. The refinement needs spectra on the training data's
 instrument grid (DESI coadds, the simulated shards).
@@ -81,17 +82,22 @@ class Refiner:
       model: a restored redshift model whose predictions carry ``z_candidates``.
       templates: the χ² basis (:func:`spectrax.redshift.templates_for`).
       half_window: fine steps (1e-4 in ln(1+z)) each side of a candidate.
+      zerr_calibration: {"scale", "floor"} of the refined ZERR
+        (:func:`spectrax.redshift.fit_zerr_calibration`); None: Redrock's χ² + 1 error.
     """
 
-    def __init__(self, model: InferenceModel, templates, half_window: int = 4):
-        self.templates, self.half_window = templates, half_window
+    def __init__(self, model: InferenceModel, templates, half_window: int = 4,
+                 zerr_calibration: dict | None = None):
+        self.model, self.templates, self.half_window = model, templates, half_window
+        self.zerr_calibration = zerr_calibration
         self.z_train_range = getattr(model.task, "z_train_range", None)
 
     @classmethod
     def for_run(cls, config, checkpoint: str | Path, model: InferenceModel, *,
                 n_templates: int = 2000, half_window: int = 4) -> Refiner:
-        """Templates from the first ``n_templates`` spectra of the config's training split,
-        cached as ``<checkpoint>/refine_templates.npz``."""
+        """Templates from the first ``n_templates`` spectra of the config's training split and
+        the ZERR calibration fitted on its validation split (:meth:`fit_zerr_calibration`),
+        cached in the run directory (``refine_templates.npz``, ``refine_zerr.json``)."""
         from spectrax.prepare import ensure_data
 
         if not getattr(model.model(), "outputs_redshift_logits", False):
@@ -99,15 +105,49 @@ class Refiner:
                              f"(zscan); {config.model.name!r} does not")
         path = Path(checkpoint)
         run_dir = path.parent if path.name == "checkpoints" else path
-        templates = redshift.templates_for(ensure_data(config.data), n_train=n_templates,
+        data_dir = ensure_data(config.data)
+        templates = redshift.templates_for(data_dir, n_train=n_templates,
                                            cache=run_dir / redshift.TEMPLATE_CACHE)
-        return cls(model, templates, half_window)
+        refiner = cls(model, templates, half_window)
+        cache = run_dir / redshift.ZERR_CALIBRATION_CACHE
+        key = {"step": model.step, "half_window": half_window, "n_templates": n_templates}
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached.get("key") == key:
+            refiner.zerr_calibration = cached["calibration"]
+        else:
+            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, "val")
+            cache.write_text(json.dumps({"key": key,
+                                         "calibration": refiner.zerr_calibration}))
+        return refiner
+
+    def fit_zerr_calibration(self, data_dir: str | Path, split: str = "val",
+                             batch_size: int = 64) -> dict[str, float]:
+        """Refines every spectrum of ``split`` of a shard directory and fits the refined
+        ZERR's scale and floor on them (:func:`spectrax.redshift.fit_zerr_calibration`)."""
+        from spectrax import metrics
+
+        j = list(self.model.task.label_names).index("z")
+        parts: dict[str, list] = {"z_true": [], "z": [], "zerr": [], "snr": []}
+        batch_size = sharding.round_up_batch(batch_size, self.model.local_devices)
+        for batch in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size):
+            cols = redshift.refine_columns(batch, self.model(batch), self.templates,
+                                           z_train_range=self.z_train_range,
+                                           half_window=self.half_window)
+            v = batch.valid & batch.label_mask[:, j]
+            parts["z_true"].append(batch.labels[v, j])
+            parts["z"].append(cols["Z"][v])
+            parts["zerr"].append(cols["ZERR"][v])
+            parts["snr"].append(metrics.median_snr(batch.flux[v], batch.ivar[v],
+                                                   batch.mask[v]))
+        return redshift.fit_zerr_calibration(*(np.concatenate(parts[k]) for k in
+                                               ("z_true", "z", "zerr", "snr")))
 
     def __call__(self, batch, out: dict) -> dict[str, np.ndarray]:
         """[B] refined columns (Z, ZERR, ZWARN, DELTACHI2, CHI2, ...) of every row."""
         return redshift.refine_columns(batch, out, self.templates,
                                        z_train_range=self.z_train_range,
-                                       half_window=self.half_window)
+                                       half_window=self.half_window,
+                                       zerr_calibration=self.zerr_calibration)
 
 
 # ==============================================================================================

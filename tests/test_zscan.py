@@ -282,6 +282,7 @@ def test_predict_refine_writes_refined_redrock_columns_and_keeps_the_learned(tin
     # or was clipped to the templates' range and flagged
     assert np.isfinite(t["Z"][0]) and np.isfinite(t["Z_LEARNED"][0])
     assert (run / "refine_templates.npz").exists()        # cached for the next call
+    assert (run / "refine_zerr.json").exists()            # ZERR calibration on the val split
 
     # the learned catalogue of the same model: Redrock's names, no *_LEARNED columns
     predict.run(c, str(run), [str(DESI / "coadd-4-80613-thru20210324.fits")],
@@ -331,3 +332,25 @@ def test_default_pipeline_trained_on_the_simulator_recovers_the_real_desi_galaxy
     assert abs(row["Z"] - 0.368744) < 1e-3, (row["Z"], row["Z_LEARNED"])
     assert row["ZWARN"] == 0, row["ZWARN"]
     assert abs(row["Z"] - row["REDROCK_Z"]) < 3 * max(row["ZERR"], row["REDROCK_ZERR"]) + 1e-5
+
+
+def test_refined_zerr_calibration_recovers_scale_and_floor():
+    """Errors whose reported χ² + 1 part is 1.5× too small and which have a floor the χ² does
+    not see (template mismatch): the fitted scale and floor cover 68 % in every S/N group."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    snr = rng.uniform(1, 30, n)
+    z_true = rng.uniform(0.05, 0.5, n)
+    stat = 1e-4 / snr * (1 + z_true)
+    true_err = np.sqrt(stat ** 2 + (3e-6 * (1 + z_true)) ** 2)
+    z = z_true + rng.normal(0, true_err)
+    cal = redshift.fit_zerr_calibration(z_true, z, stat / 1.5, snr)
+    assert cal["scale"] == pytest.approx(1.5, rel=0.1)
+    assert cal["floor"] == pytest.approx(3e-6, rel=0.25)
+    zerr = redshift.calibrate_zerr(z, stat / 1.5, cal)
+    for lo, hi in ((1, 5), (5, 15), (15, 30)):
+        sel = (snr >= lo) & (snr < hi)
+        assert np.mean(np.abs(z - z_true)[sel] < zerr[sel]) == pytest.approx(0.683, abs=0.03)
+    # A NaN error (minimum not bracketed) falls back to the floor alone.
+    assert redshift.calibrate_zerr(np.array([0.1]), np.array([np.nan]), cal)[0] == \
+        pytest.approx(cal["floor"] * 1.1)
