@@ -9,8 +9,9 @@ Variants:
   distribution over redshift (a mixture of one Gaussian per bin, trained by its likelihood)
   from which Z, a calibrated ZERR, DELTACHI2 and ZWARN are read (:mod:`spectrax.redshift`).
   Trained from scratch: it needs no autoencoder run. The quick start's redshift model.
-* ``zscan_long``: the same design wider (``base``), longer, on 40,000 simulated spectra: the
-  ≤ 45-min CPU configuration of issue 15.
+* ``zscan_long``: the same design wider (``base``), 4,000 steps on 40,000 simulated spectra
+  (not measured on the SPS simulator: the default already meets issue 15's precision targets
+  in 4 minutes on 2 CPU cores, benchmarks/RESULTS.md).
 * ``zscan_tiny``: toy width, for tests.
 * The SpecPT paper heads, initialised from the encoder of ``configs/specpt_elg.py`` trained with
   the same variant (run that first; ``runs/specpt_elg-<variant>``): ``tokens``, ``small``,
