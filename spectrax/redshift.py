@@ -128,8 +128,10 @@ def summarise_logits(output, ln1pz_grid, *, n_candidates: int = 3,
       dict of jax arrays: "z" [B]; "z_err" [B]; "delta_chi2" [B] (2·ln(P₁/P₂); +inf when there
       is no second local maximum); "peak_prob" [B] (P₁); "radius_raw" [B] (the uncalibrated
       ZERR in bins); "at_edge" [B] bool (peak in the first or last bin); "z_candidates" [B, K]
-      (the highest local maxima ≥ min_separation_kms apart, best first; the first is "z") and
-      "candidate_ok" [B, K] bool (False where no further local maximum exists).
+      (the highest local maxima ≥ min_separation_kms apart, best first; the first is "z"),
+      "candidate_ok" [B, K] bool (False where no further local maximum exists) and
+      "candidate_chi2" [B, K] (2·ln(P₁/P_k), P_k the probability within ±500 km/s of candidate
+      k; 0 for the best).
 
     Z: with a mixture, the mean of the peak bin and its two neighbours' components, weighted
     by their probabilities; with logits only, a parabola through ln p of the peak bin and its
@@ -224,10 +226,17 @@ def summarise_logits(output, ln1pz_grid, *, n_candidates: int = 3,
     z_cands = [z] + [jnp.expm1(grid[0] + j.astype(jnp.float32) * dlog)
                      for j in cands[1:n_candidates]]
     ok = [jnp.ones_like(has_second)] + [jnp.isfinite(v) for v in cand_lp[1:n_candidates]]
+    # Each candidate's χ²-equivalent against the best, 2·ln(P₁/P_k) (0 for the best; +inf where
+    # no such peak exists): the refinement's prior (:func:`refine`).
+    cand_chi2 = [jnp.zeros_like(p1)] + [
+        jnp.where(jnp.isfinite(cand_lp[k]), 2.0 * (jnp.log(jnp.maximum(p1, 1e-37))
+                                                   - jnp.log(jnp.maximum(mass(cands[k]), 1e-37))),
+                  jnp.inf) for k in range(1, n_candidates)]
     return {"z": z, "z_err": z_err, "delta_chi2": delta_chi2, "peak_prob": p1,
             "radius_raw": raw, "at_edge": (j1 == 0) | (j1 == m - 1),
             "z_candidates": jnp.stack(z_cands[:n_candidates], axis=-1),
-            "candidate_ok": jnp.stack(ok[:n_candidates], axis=-1)}
+            "candidate_ok": jnp.stack(ok[:n_candidates], axis=-1),
+            "candidate_chi2": jnp.stack(cand_chi2[:n_candidates], axis=-1)}
 
 
 def calibration_features(radius_raw):
@@ -312,7 +321,8 @@ def templates_for(data_dir: str | Path, *, n_train: int = 2000, n_components: in
 
 def refine(templates: template_fit.Templates, flux, ivar, mask, wavelength, z_candidates,
            candidate_ok=None, *, z_train_range=None, half_window: int = 4,
-           z_learned=None, zerr_calibration: dict | None = None) -> dict[str, np.ndarray]:
+           z_learned=None, zerr_calibration: dict | None = None,
+           candidate_chi2=None) -> dict[str, np.ndarray]:
     """The refinement mode on arrays: χ² over narrow windows around learned candidates.
 
     Args:
@@ -326,6 +336,10 @@ def refine(templates: template_fit.Templates, flux, ivar, mask, wavelength, z_ca
       z_learned: [N] the learned Z, copied to the output as Z_LEARNED (optional).
       zerr_calibration: {"scale", "floor"} of :func:`fit_zerr_calibration` applied to ZERR
         (:func:`calibrate_zerr`); None: Redrock's χ² + 1 error as it is.
+      candidate_chi2: [N, K] the learned distribution's χ²-equivalent of each candidate against
+        its best (``candidate_chi2`` of the predictions): added to the candidates' χ² when the
+        winner is chosen, as a prior (so the template fit must beat the learned odds to move
+        Z to another candidate); DELTACHI2 then includes it. None: χ² alone decides.
 
     Returns:
       Catalogue columns, each [N]: Z, ZERR, ZWARN, DELTACHI2, CHI2, SPECTYPE (and Z_LEARNED).
@@ -341,7 +355,8 @@ def refine(templates: template_fit.Templates, flux, ivar, mask, wavelength, z_ca
                              "refinement runs on the instrument grid")
         wavelength = wavelength[0]
     res = template_fit.refine_redshifts(templates, flux, ivar, mask, wavelength, z_candidates,
-                                        candidate_ok, half_window=half_window)
+                                        candidate_ok, half_window=half_window,
+                                        candidate_penalty=candidate_chi2)
     z = np.where(np.isfinite(res["z"]), res["z"], np.nan)
     zwarn = res["zwarn"] | zwarn_bits(outside=outside_range(np.nan_to_num(z), z_train_range))
     zerr = res["zerr"] if zerr_calibration is None else calibrate_zerr(z, res["zerr"],
@@ -356,9 +371,11 @@ def refine(templates: template_fit.Templates, flux, ivar, mask, wavelength, z_ca
 
 def refine_columns(batch, outputs: dict, templates: template_fit.Templates, *,
                    z_train_range=None, half_window: int = 4,
-                   zerr_calibration: dict | None = None) -> dict[str, np.ndarray]:
+                   zerr_calibration: dict | None = None,
+                   use_prior: bool = True) -> dict[str, np.ndarray]:
     """:func:`refine` on a :class:`spectrax.spectra.SpectrumBatch` and the redshift task's
-    predictions for it (``outputs``: ``z_candidates``, ``candidate_ok``, ``z_pred``). Returns
+    predictions for it (``outputs``: ``z_candidates``, ``candidate_ok``, ``z_pred`` and, used
+    as the candidates' prior unless ``use_prior`` is False, ``candidate_chi2``). Returns
     columns for every row of the batch (padding rows have no valid pixel: ZWARN has NODATA);
     keep the ``batch.valid`` rows as for the task's own catalogue."""
     if "z_candidates" not in outputs:
@@ -376,7 +393,9 @@ def refine_columns(batch, outputs: dict, templates: template_fit.Templates, *,
                   np.asarray(batch.mask) & valid[:, None], wavelength,
                   np.asarray(outputs["z_candidates"]), np.asarray(outputs["candidate_ok"]),
                   z_train_range=z_train_range, half_window=half_window,
-                  z_learned=np.asarray(outputs["z_pred"]), zerr_calibration=zerr_calibration)
+                  z_learned=np.asarray(outputs["z_pred"]), zerr_calibration=zerr_calibration,
+                  candidate_chi2=(np.asarray(outputs["candidate_chi2"])
+                                  if use_prior and "candidate_chi2" in outputs else None))
 
 
 def calibrate_zerr(z, zerr, calibration: dict) -> np.ndarray:

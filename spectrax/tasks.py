@@ -288,7 +288,8 @@ class RedshiftTask(Task):
     # -- predictions --------------------------------------------------------------------------
     def predict(self, model, batch: SpectrumBatch) -> dict[str, Any]:
         """[B] ``z_pred``, ``z_err``, ``delta_chi2``, ``zwarn`` (int32) and, for distribution
-        models, ``z_candidates`` / ``candidate_ok`` [B, K] and ``peak_prob``."""
+        models, ``z_candidates`` / ``candidate_ok`` / ``candidate_chi2`` [B, K] and
+        ``peak_prob``."""
         from spectrax import redshift
         nodata = ~jnp.any(batch.mask & (batch.ivar > 0), axis=-1)
         if self._is_distribution(model):
@@ -300,7 +301,7 @@ class RedshiftTask(Task):
             z, z_err, dchi2 = s["z"], s["z_err"], s["delta_chi2"]
             small, at_limit = dchi2 < redshift.SMALL_DELTA_CHI2, s["at_edge"]
             extra = {"z_candidates": s["z_candidates"], "candidate_ok": s["candidate_ok"],
-                     "peak_prob": s["peak_prob"]}
+                     "candidate_chi2": s["candidate_chi2"], "peak_prob": s["peak_prob"]}
         else:
             z = forward(model, batch, train=False).astype(jnp.float32)
             z_err = dchi2 = jnp.full_like(z, jnp.nan)

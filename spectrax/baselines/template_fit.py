@@ -774,7 +774,7 @@ def fit_redshifts(templates: Templates, flux, ivar, mask, wavelength, *,
 
 def refine_redshifts(templates: Templates, flux, ivar, mask, wavelength, z_candidates,
                      candidate_ok=None, *, dz_log: float = DEFAULT_DLOG, half_window: int = 4,
-                     chunk: int = 128) -> dict[str, np.ndarray]:
+                     chunk: int = 128, candidate_penalty=None) -> dict[str, np.ndarray]:
     """χ² refinement of GIVEN candidate redshifts over narrow windows only (no full-grid scan).
 
     The candidates typically come from a learned model (:func:`spectrax.redshift.refine`):
@@ -793,6 +793,10 @@ def refine_redshifts(templates: Templates, flux, ivar, mask, wavelength, z_candi
         Z_FITLIMIT if they win at its edge.
       dz_log, half_window: the window's step in ln(1+z) and half width in steps.
       chunk: spectra per jitted call.
+      candidate_penalty: [N, C] added to each candidate's χ² when choosing the winner (a prior,
+        e.g. −2 ln of a learned model's probability of the candidate relative to its best, as
+        Redrock adds its priors to χ²); the reported "chi2" stays the winner's own χ², the
+        reported "delta_chi2" is the penalised difference. None: χ² alone decides.
 
     Returns:
       dict of [N] arrays as :func:`fit_redshifts` ("z", "zerr", "chi2", "delta_chi2" = second
@@ -815,6 +819,10 @@ def refine_redshifts(templates: Templates, flux, ivar, mask, wavelength, z_candi
     ok = np.isfinite(z_candidates) & (z_candidates > -1)
     if candidate_ok is not None:
         ok &= np.asarray(candidate_ok, bool)
+    penalty = np.zeros(z_candidates.shape) if candidate_penalty is None else np.nan_to_num(
+        np.asarray(candidate_penalty, np.float64), nan=0.0, posinf=0.0)
+    if penalty.shape != z_candidates.shape:
+        raise ValueError(f"candidate_penalty must be {z_candidates.shape}, got {penalty.shape}")
     lo, hi = templates.z_limits(wavelength)
     s_lo, s_hi = math.log1p(max(lo, 0.0)), math.log1p(hi)
     s_all = np.clip(np.log1p(np.where(ok, z_candidates, 0.0)), s_lo, s_hi)
@@ -828,13 +836,17 @@ def refine_redshifts(templates: Templates, flux, ivar, mask, wavelength, z_candi
         rows = stop - start
         s_c = np.zeros((fc.shape[0], s_all.shape[1]))
         ok_c = np.zeros((fc.shape[0], s_all.shape[1]), bool)
+        pen_c = np.zeros_like(s_c)
         s_c[:rows], ok_c[:rows] = s_all[start:stop], ok[start:stop]
+        pen_c[:rows] = penalty[start:stop]
         s_best, c_best, sigma_s, at_edge = _refine_chunk(
             basis_t, t_obs_j, fc, wc, s_c, ok_c, s_lo, s_hi, dz_log, half_window, inv)
-        best = _best_of(s_best, c_best, sigma_s, s_lo, s_hi, dz_log)
+        best = _best_of(s_best, c_best + pen_c, sigma_s, s_lo, s_hi, dz_log)
         _store(out, start, stop, *best)
-        b0 = np.argmin(c_best, axis=1)
-        out["window_edge"][start:stop] = at_edge[np.arange(len(b0)), b0][:rows]
+        b0 = np.argmin(c_best + pen_c, axis=1)
+        r = np.arange(len(b0))
+        out["chi2"][start:stop] = c_best[r, b0][:rows]           # the winner's own χ²
+        out["window_edge"][start:stop] = at_edge[r, b0][:rows]
     # A minimum on the window's edge that is not the range limit: the parabola found no minimum.
     bad_min = out["window_edge"] & ((out["zwarn"] & ZWARN_Z_FITLIMIT) == 0) & (out["npix"] > 0)
     out["zwarn"] |= np.where(bad_min, ZWARN_BAD_MINFIT, 0).astype(np.int32)
