@@ -110,7 +110,8 @@ class Refiner:
                                            cache=run_dir / redshift.TEMPLATE_CACHE)
         refiner = cls(model, templates, half_window)
         cache = run_dir / redshift.ZERR_CALIBRATION_CACHE
-        key = {"step": model.step, "half_window": half_window, "n_templates": n_templates}
+        key = {"step": model.step, "half_window": half_window, "n_templates": n_templates,
+               "candidate_prior": True}
         cached = json.loads(cache.read_text()) if cache.exists() else {}
         if cached.get("key") == key:
             refiner.zerr_calibration = cached["calibration"]
