@@ -481,7 +481,7 @@ class SpectraFM(nn.Module):
 
 
 class SpectraFMLoss:
-    """``spectrax.tasks_spectrafm.SpectraFMTask.loss`` for a fitted task: flux standardisation
+    """``spectrax.tasks.spectrafm.SpectraFMTask.loss`` for a fitted task: flux standardisation
     with its per-pixel statistics, ``context`` random valid pixels per star (top-k of uniform
     scores), one random known label per star (Gumbel-max), Gaussian NLL with the label error."""
 

@@ -6,7 +6,7 @@ not the optimiser moments a training run carries (two thirds of a checkpoint und
 a mesh over THIS process's devices: every process of a multi-host job runs its own share of
 the inputs without waiting for the others, and each batch is split over its local devices.
 
-    model = InferenceModel.from_checkpoint(config, "runs/specpt_redshift_bgs-tokens")
+    model = InferenceModel.from_checkpoint(config, "runs/specpt_redshift_bgs-zscan")
     out = model(batch)          # a SpectrumBatch -> the task's predictions, numpy
 """
 from __future__ import annotations

@@ -140,15 +140,31 @@ def median_snr(flux: Any, ivar: Any, mask: Any) -> np.ndarray:
     return out
 
 
+def zerr_coverage(z_true: Any, z_pred: Any, zerr: Any, valid: Any = None) -> float:
+    """Fraction of objects with |z_true − z_pred| < zerr: 0.683 for calibrated 1σ errors
+    (catastrophic failures count as not covered). zerr: [N], ≥ 0."""
+    zt, zp, ze = _select("zerr_coverage", {"z_true": z_true, "z_pred": z_pred, "zerr": zerr},
+                         valid)
+    if np.any(ze < 0):
+        raise ValueError(f"zerr_coverage: {int((ze < 0).sum())} values of 'zerr' are < 0")
+    return float(np.mean(np.abs(zt - zp) < ze))
+
+
 def success_by_snr(z_true: Any, z_pred: Any, is_qso: Any, snr: Any,
-                   edges: tuple[float, ...] = SNR_BIN_EDGES) -> list[dict[str, Any]]:
+                   edges: tuple[float, ...] = SNR_BIN_EDGES,
+                   zerr: Any = None) -> list[dict[str, Any]]:
     """The per-S/N-bin redshift table (SPECS.md §2): for each bin [lo, hi) of median S/N, the
     count, the success rate (|Δz| < 1000 km/s·(1+z) for galaxies and stars, 3000 km/s for
-    QSOs, see :func:`redshift_success_rate`), NMAD and outlier fraction; a last row "all".
-    Spectra whose S/N is NaN (no valid pixel) only count in "all". Empty bins are listed with
-    n = 0 and None rates, so every table has the same rows."""
-    zt, zp, qso, sn = _select("success_by_snr", {"z_true": z_true, "z_pred": z_pred,
-                                                 "is_qso": is_qso, "snr": snr}, dtype=None)
+    QSOs, see :func:`redshift_success_rate`), NMAD and outlier fraction, and with ``zerr`` [N]
+    the ZERR coverage (:func:`zerr_coverage`); a last row "all". Spectra whose S/N is NaN (no
+    valid pixel) only count in "all". Empty bins are listed with n = 0 and None rates, so every
+    table has the same rows."""
+    arrays = {"z_true": z_true, "z_pred": z_pred, "is_qso": is_qso, "snr": snr}
+    if zerr is not None:
+        arrays["zerr"] = zerr
+    selected = _select("success_by_snr", arrays, dtype=None)
+    zt, zp, qso, sn = selected[:4]
+    ze = selected[4].astype(np.float64) if zerr is not None else None
     zt, zp = zt.astype(np.float64), zp.astype(np.float64)
     sn = sn.astype(np.float64)
     if not (np.isfinite(zt).all() and np.isfinite(zp).all()):
@@ -161,9 +177,13 @@ def success_by_snr(z_true: Any, z_pred: Any, is_qso: Any, snr: Any,
         label = "all" if lo is None else (f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}")
         row = {"snr_bin": label, "n": n, "n_qso": int(qso[sel].astype(bool).sum()),
                "success": None, "nmad": None, "eta": None}
+        if ze is not None:
+            row["zerr_coverage"] = None
         if n:
             row.update(success=redshift_success_rate(zt[sel], zp[sel], qso[sel].astype(bool)),
                        nmad=nmad(zt[sel], zp[sel]), eta=outlier_fraction(zt[sel], zp[sel]))
+            if ze is not None:
+                row["zerr_coverage"] = zerr_coverage(zt[sel], zp[sel], ze[sel])
         rows.append(row)
     return rows
 

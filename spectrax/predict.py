@@ -1,7 +1,7 @@
 r"""Batch inference to one FITS catalogue: ``python -m spectrax.predict``.
 
     python -m spectrax.predict --config=configs/specpt_redshift_bgs.py \
-        --checkpoint=runs/specpt_redshift_bgs-tokens --input=data/my_desi \
+        --checkpoint=runs/specpt_redshift_bgs-zscan --input=data/my_desi \
         --output=catalog.fits
 
 ``--input`` takes what ``spectrax.prepare`` takes, and shard directories: raw files of any
@@ -9,10 +9,21 @@ survey (``--survey``, default ``auto``: from the file names, see
 :func:`spectrax.data.readers.detect_survey`), directories of them (searched recursively) and
 shard directories (all splits, or ``--split``); repeat the flag or separate paths with commas.
 The catalogue has one row per usable input spectrum: TARGETID, the task's predictions (e.g.
-Z_PRED), the labels the input carries as ``LABEL_<NAME>`` (a redrock file's values arrive as
-``REDROCK_Z``, ``REDROCK_ZWARN``, ...: input values never share a name with a prediction),
+Z, ZERR, ZWARN, DELTACHI2 for redshift models), the labels the input carries as
+``LABEL_<NAME>`` (a redrock file's values arrive as ``REDROCK_Z``, ``REDROCK_ZWARN``, ...:
+input values never share a name with a prediction),
 NPIX_VALID (usable pixels; 0 means the prediction saw no data), the survey metadata the
 reader found, SOURCE (the file) and SPLIT (shard inputs).
+
+Redshift models that output a distribution (``zscan``) write Redrock's columns Z, ZERR, ZWARN,
+DELTACHI2, SPECTYPE (:mod:`spectrax.redshift`). ``--refine`` adds the learned-proposal + χ²
+mode: the model's candidate redshifts are refined by a χ² template fit over narrow windows
+(:func:`spectrax.redshift.refine_columns`; templates fitted on the config's training split and
+the refined ZERR's calibration fitted on its validation split, cached in the run directory as
+``refine_templates.npz`` and ``refine_zerr.json``), so Z, ZERR, ZWARN and DELTACHI2 hold
+the refined values (CHI2 added) and the learned ones move to Z_LEARNED, ZERR_LEARNED,
+ZWARN_LEARNED and DELTACHI2_LEARNED. The refinement needs spectra on the training data's
+instrument grid (DESI coadds, the simulated shards).
 
 Scale. Inputs are read in blocks of about ``--block_spectra`` spectra by a background thread
 that reads, cleans and batches the next spectra while the devices compute; each batch is
@@ -54,13 +65,90 @@ from astropy.table import Table, vstack
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from spectrax import runtime
-from spectrax import embeddings, sharding
+from spectrax import embeddings, redshift, runtime, sharding
 from spectrax.data import inputs, pipeline
 from spectrax.inference import InferenceModel
 from spectrax.spectra import SpectrumError
 
 BLOCK_SPECTRA = 4096  # spectra per resumable part (and per read-ahead unit of work)
+REFINED_COLUMNS = ("Z", "ZERR", "ZWARN", "DELTACHI2")  # replaced by --refine, learned kept
+
+
+class Refiner:
+    """The ``--refine`` mode on one batch: the redshift task's predictions -> χ²-refined
+    Redrock columns (:func:`spectrax.redshift.refine_columns`).
+
+    Args:
+      model: a restored redshift model whose predictions carry ``z_candidates``.
+      templates: the χ² basis (:func:`spectrax.redshift.templates_for`).
+      half_window: fine steps (1e-4 in ln(1+z)) each side of a candidate.
+      zerr_calibration: {"scale", "floor"} of the refined ZERR
+        (:func:`spectrax.redshift.fit_zerr_calibration`); None: Redrock's χ² + 1 error.
+    """
+
+    def __init__(self, model: InferenceModel, templates, half_window: int = 4,
+                 zerr_calibration: dict | None = None):
+        self.model, self.templates, self.half_window = model, templates, half_window
+        self.zerr_calibration = zerr_calibration
+        self.z_train_range = getattr(model.task, "z_train_range", None)
+
+    @classmethod
+    def for_run(cls, config, checkpoint: str | Path, model: InferenceModel, *,
+                n_templates: int = 2000, half_window: int = 4) -> Refiner:
+        """Templates from the first ``n_templates`` spectra of the config's training split and
+        the ZERR calibration fitted on its validation split (:meth:`fit_zerr_calibration`),
+        cached in the run directory (``refine_templates.npz``, ``refine_zerr.json``)."""
+        from spectrax.prepare import ensure_data
+
+        if not getattr(model.model(), "outputs_redshift_logits", False):
+            raise ValueError(f"--refine needs a redshift model that outputs a distribution "
+                             f"(zscan); {config.model.name!r} does not")
+        path = Path(checkpoint)
+        run_dir = path.parent if path.name == "checkpoints" else path
+        data_dir = ensure_data(config.data)
+        templates = redshift.templates_for(data_dir, n_train=n_templates,
+                                           cache=run_dir / redshift.TEMPLATE_CACHE)
+        refiner = cls(model, templates, half_window)
+        cache = run_dir / redshift.ZERR_CALIBRATION_CACHE
+        key = {"step": model.step, "half_window": half_window, "n_templates": n_templates,
+               "candidate_prior": True}
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached.get("key") == key:
+            refiner.zerr_calibration = cached["calibration"]
+        else:
+            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, "val")
+            cache.write_text(json.dumps({"key": key,
+                                         "calibration": refiner.zerr_calibration}))
+        return refiner
+
+    def fit_zerr_calibration(self, data_dir: str | Path, split: str = "val",
+                             batch_size: int = 64) -> dict[str, float]:
+        """Refines every spectrum of ``split`` of a shard directory and fits the refined
+        ZERR's scale and floor on them (:func:`spectrax.redshift.fit_zerr_calibration`)."""
+        from spectrax import metrics
+
+        j = list(self.model.task.label_names).index("z")
+        parts: dict[str, list] = {"z_true": [], "z": [], "zerr": [], "snr": []}
+        batch_size = sharding.round_up_batch(batch_size, self.model.local_devices)
+        for batch in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size):
+            cols = redshift.refine_columns(batch, self.model(batch), self.templates,
+                                           z_train_range=self.z_train_range,
+                                           half_window=self.half_window)
+            v = batch.valid & batch.label_mask[:, j]
+            parts["z_true"].append(batch.labels[v, j])
+            parts["z"].append(cols["Z"][v])
+            parts["zerr"].append(cols["ZERR"][v])
+            parts["snr"].append(metrics.median_snr(batch.flux[v], batch.ivar[v],
+                                                   batch.mask[v]))
+        return redshift.fit_zerr_calibration(*(np.concatenate(parts[k]) for k in
+                                               ("z_true", "z", "zerr", "snr")))
+
+    def __call__(self, batch, out: dict) -> dict[str, np.ndarray]:
+        """[B] refined columns (Z, ZERR, ZWARN, DELTACHI2, CHI2, ...) of every row."""
+        return redshift.refine_columns(batch, out, self.templates,
+                                       z_train_range=self.z_train_range,
+                                       half_window=self.half_window,
+                                       zerr_calibration=self.zerr_calibration)
 
 
 # ==============================================================================================
@@ -178,12 +266,19 @@ def _read_ahead(model: InferenceModel, blocks: list[tuple[str, list]], batch_siz
         out.put(("error", e))
 
 
-def _columns(model: InferenceModel, batch, group, out: dict) -> dict[str, np.ndarray]:
-    """Catalogue columns of one batch's valid rows."""
+def _columns(model: InferenceModel, batch, group, out: dict,
+             refined: dict | None = None) -> dict[str, np.ndarray]:
+    """Catalogue columns of one batch's valid rows (``refined``: :class:`Refiner` columns of
+    every row; they take Redrock's names, the learned values get the _LEARNED suffix)."""
     v = batch.valid
     cols = {"TARGETID": batch.ids[v]}
     cols.update({k: np.asarray(val)[v] for k, val in
                  model.task.catalogue({**out, "valid": v}).items()})
+    if refined is not None:
+        for k in REFINED_COLUMNS:
+            cols[f"{k}_LEARNED"] = cols.pop(k)
+        cols.update({k: np.asarray(val)[v] for k, val in refined.items()
+                     if k != "Z_LEARNED"})
     for j, name in enumerate(model.task.label_names):
         cols[f"LABEL_{name.upper()}"] = np.where(batch.label_mask[v, j], batch.labels[v, j],
                                                  np.nan)
@@ -203,8 +298,9 @@ def _columns(model: InferenceModel, batch, group, out: dict) -> dict[str, np.nda
 
 def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store: PartStore, *,
                    batch_size: int, policy: inputs.LengthPolicy, strict: bool = False,
-                   progress: bool = True) -> Timing:
-    """Predicts every block (with read-ahead, see :func:`_read_ahead`) into ``store``."""
+                   progress: bool = True, refiner: Refiner | None = None) -> Timing:
+    """Predicts every block (with read-ahead, see :func:`_read_ahead`) into ``store``; with a
+    ``refiner`` the χ² refinement runs on each batch too (inside the timed step)."""
     timing = Timing()
     q: queue.Queue = queue.Queue(maxsize=4)
     reader = threading.Thread(target=_read_ahead, args=(model, blocks, batch_size, policy,
@@ -229,6 +325,7 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
         _, key, batch, device_batch, group = item
         t = time.perf_counter()
         out = model(device_batch)
+        refined = refiner(batch, out) if refiner is not None else None
         elapsed = time.perf_counter() - t
         n = int(batch.valid.sum())
         if batch.num_pixels in timing.compiled:  # a length's first call compiles: not a rate
@@ -239,7 +336,7 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
             timing.compiled.add(batch.num_pixels)
             timing.wall_start = time.perf_counter()  # the wall clock restarts after a compile
             timing.wall_spectra = 0
-        columns.setdefault(key, []).append(_columns(model, batch, group, out))
+        columns.setdefault(key, []).append(_columns(model, batch, group, out, refined))
         bar.update(n)
     bar.close()
     reader.join()
@@ -249,10 +346,16 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
 def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path, *,
         batch_size: int = 64, split: str | None = None, survey: str = "auto",
         restart: bool = False, strict: bool = False, block_spectra: int = BLOCK_SPECTRA,
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, refine: bool = False, refine_templates: int = 2000,
+        half_window: int = 4) -> dict[str, Any]:
     """Predicts every spectrum of ``input_paths`` and writes a FITS catalogue; returns a
     summary (rows, output, reader_counts, refused messages, blocks_resumed, spectra_per_s
-    with reading and step_spectra_per_s of the jitted calls alone).
+    with reading and step_spectra_per_s of the jitted calls alone, with ``refine`` the χ²
+    refinement included).
+
+    ``refine``: the learned-proposal + χ² mode (module docstring, :class:`Refiner`) with
+    templates of ``refine_templates`` training spectra and windows of ±``half_window`` fine
+    steps.
 
     Several processes: each predicts blocks ``process_index::process_count``; process 0
     waits for all and writes the catalogue (the others return rows=None).
@@ -261,11 +364,14 @@ def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path,
     pi, pc = jax.process_index(), jax.process_count()
     model = InferenceModel.from_checkpoint(config, checkpoint)
     policy = inputs.LengthPolicy.for_model(config.data, exact=True)
+    refiner = (Refiner.for_run(config, checkpoint, model, n_templates=refine_templates,
+                               half_window=half_window) if refine else None)
     batch_size = sharding.round_up_batch(batch_size, model.local_devices)
     found = inputs.discover(input_paths, survey=survey, split=split)
     blocks = [(PartStore.key(b), b) for b in inputs.blocks(found.units, block_spectra)]
     store = PartStore(output, {"config": config.name, "step": model.step,
-                               "model": f"{config.model.name}:{config.model.variant}"},
+                               "model": f"{config.model.name}:{config.model.variant}",
+                               **({"refine": half_window} if refine else {})},
                       restart, process=pi)
     if pc > 1:  # process 0 may have cleared the parts (--restart) before the others read them
         multihost_utils.sync_global_devices("spectrax predict parts")
@@ -273,7 +379,7 @@ def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path,
     mine = blocks[pi::pc]
     todo = [(k, b) for k, b in mine if store.done(k) is None]
     timing = predict_blocks(model, todo, store, batch_size=batch_size, policy=policy,
-                            strict=strict, progress=progress and pi == 0)
+                            strict=strict, progress=progress and pi == 0, refiner=refiner)
     wall = time.perf_counter() - timing.wall_start if timing.wall_start else 0.0
     summary = {"rows": None, "output": str(output), "blocks": len(blocks),
                "blocks_resumed": len(mine) - len(todo), "skipped": found.skipped,
@@ -304,6 +410,7 @@ def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path,
     table.meta["SPXCONF"] = config.name
     table.meta["SPXSTEP"] = model.step
     table.meta["SPXMODEL"] = f"{config.model.name}:{config.model.variant}"
+    table.meta["SPXMODE"] = "learned+chi2" if refine else "learned"
     _write_atomically(table, Path(output))
     store.remove()  # the catalogue now holds every part
     return {**summary, "rows": len(table), "reader_counts": counts, "refused": refused}
@@ -357,6 +464,13 @@ def define_flags() -> None:
     flags.DEFINE_bool("restart", False, "Ignore the parts a previous, interrupted run left in "
                       "<output>.parts/ and predict every input again.")
     flags.DEFINE_bool("strict", False, "Stop at the first file or record that cannot be used.")
+    flags.DEFINE_bool("refine", False, "Redshift distribution models: refine the learned "
+                      "candidates by a χ² template fit over narrow windows (Z, ZERR, ZWARN, "
+                      "DELTACHI2 refined; the learned ones kept as *_LEARNED).")
+    flags.DEFINE_integer("refine_templates", 2000, "With --refine: training spectra the χ² "
+                         "templates are fitted on (cached in the run directory).")
+    flags.DEFINE_integer("half_window", 4, "With --refine: fine steps (1e-4 in ln(1+z)) each "
+                         "side of a candidate.")
     flags.DEFINE_string("embeddings", None, "Write the tokenizer's embeddings (token sequences "
                         "and mean-pooled vectors, see spectrax.embeddings) to this HDF5 file "
                         "INSTEAD of the catalogue; tokenizer models only.")
@@ -396,7 +510,8 @@ def main(argv):
         summary = run(FLAGS.config, FLAGS.checkpoint, paths, FLAGS.output,
                       batch_size=FLAGS.batch_size, split=FLAGS.split, survey=FLAGS.survey,
                       restart=FLAGS.restart, strict=FLAGS.strict,
-                      block_spectra=FLAGS.block_spectra)
+                      block_spectra=FLAGS.block_spectra, refine=FLAGS.refine,
+                      refine_templates=FLAGS.refine_templates, half_window=FLAGS.half_window)
     except (SpectrumError, FileNotFoundError, ValueError) as e:
         print(f"spectrax.predict: error: {e}", file=sys.stderr)
         sys.exit(2)

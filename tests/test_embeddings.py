@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from spectrax import checkpoint, embeddings, sharding, train, warm_start
-from spectrax.config_lib import load, specpt_redshift
+from spectrax.config_lib import load
 from spectrax.data import inputs, mixture, pipeline
 from spectrax.inference import InferenceModel
 from spectrax.spectra import SURVEY_IDS
@@ -162,7 +162,7 @@ def test_pooled_only_export(run, tmp_path):
 
 
 def test_non_tokenizer_model_is_refused_clearly(tmp_path):
-    c = specpt_redshift("bgs", "variant=tiny")
+    c = load("configs/specpt_redshift_bgs.py", "variant=tiny")
     with pytest.raises(embeddings.EmbeddingsError,
                        match=r"model 'specpt_redshift'.*only for tokenizer models"):
         embeddings.export_embeddings(c, tmp_path / "no_run", ["x"], tmp_path / "e.h5")

@@ -10,7 +10,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from spectrax import predict, prepare, train
-from spectrax.config_lib import specpt_redshift
+from spectrax.config_lib import load
 from spectrax.data import inputs, shards
 from helpers import FIXTURES, ROOT  # tests/helpers.py
 
@@ -62,7 +62,7 @@ def test_prepare_cli_reports_and_refuses_bad_paths(tmp_path):
 
 
 def test_predict_writes_a_catalogue_for_coadds_and_shards(tmp_path):
-    c = specpt_redshift("bgs", "variant=tiny")
+    c = load("configs/specpt_redshift_bgs.py", "variant=tiny")
     c.unlock()
     c.data.n_train, c.data.n_val, c.data.n_test = 64, 8, 20
     c.data.cache_dir = str(tmp_path / "data")
@@ -81,7 +81,7 @@ def test_predict_writes_a_catalogue_for_coadds_and_shards(tmp_path):
     # known values: the label, and the redrock file's own columns, under their prefixes
     assert t["LABEL_Z"][0] == pytest.approx(0.368744, abs=1e-5)
     assert t["REDROCK_Z"][0] == pytest.approx(0.368744, abs=1e-5)
-    assert np.isfinite(t["Z_PRED"][0]) and t["Z_PRED"][0] > 0
+    assert np.isfinite(t["Z"][0]) and t["Z"][0] > 0
     assert t["REDROCK_SPECTYPE"][0] == "GALAXY" and t.meta["SPXCONF"] == c.name
 
     data_dir = next((tmp_path / "data").iterdir())

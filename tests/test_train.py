@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from spectrax import checkpoint, train, warm_start
-from spectrax.config_lib import load, specpt_redshift
+from spectrax.config_lib import load
 from spectrax.sharding import make_mesh
 from helpers import ROOT, tiny_config  # tests/helpers.py
 
@@ -78,7 +78,7 @@ def test_pretrained_encoder_is_copied_exactly(tmp_path):
 def test_pretrained_from_other_architecture_lists_mismatches(tmp_path):
     ae_dir = tmp_path / "ae"
     train.train(tiny_config(tmp_path, steps=2), ae_dir)
-    zc = specpt_redshift("bgs", "variant=tokens")
+    zc = load("configs/specpt_redshift_bgs.py", "variant=tokens")
     trainer = train.Trainer(zc, make_mesh(), 1)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
         warm_start.load_pretrained(trainer.init_state(), trainer, str(ae_dir), "encoder")
@@ -192,7 +192,7 @@ def test_dry_run_prints_the_paper_count():
 @pytest.mark.parametrize("variant,total", [("paper_text", 77_103_617),
                                            ("paper_count", 74_016_257)])
 def test_dry_run_redshift_heads(variant, total):
-    counts = train.dry_run(specpt_redshift("bgs", f"variant={variant}"))
+    counts = train.dry_run(load("configs/specpt_redshift_bgs.py", f"variant={variant}"))
     assert counts["total"] == total
 
 

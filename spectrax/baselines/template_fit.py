@@ -51,9 +51,17 @@ Redshift fit (:func:`fit_redshifts`)
      kept if its (re-evaluated) χ² is lower than the grid point's.
   4. The best candidate gives z and χ² (every reported χ² comes from the residual form); Δχ²
      is the second-best candidate's χ² minus the best (+inf when there is no second minimum),
-     Redrock's confidence measure. ``zwarn`` carries Redrock's bit values: SMALL_DELTA_CHI2 (4)
-     when Δχ² < 9, Z_FITLIMIT (32) when the minimum is at an end of the z range, NODATA (512)
-     when a spectrum has no valid pixel.
+     Redrock's confidence measure. ``zerr`` is the 1σ error from the parabola's curvature
+     (χ² rises by 1), as Redrock's ZERR. ``zwarn`` carries Redrock's bit values:
+     SMALL_DELTA_CHI2 (4) when Δχ² < 9, Z_FITLIMIT (32) when the minimum is at an end of the z
+     range, NODATA (512) when a spectrum has no valid pixel.
+
+Refinement of given candidates (:func:`refine_redshifts`)
+  Steps 3–4 alone, around candidate redshifts supplied by the caller (a learned model's
+  proposals, :func:`spectrax.redshift.refine`): χ² is evaluated over narrow windows only, so
+  the cost is a few dozen χ² evaluations per spectrum instead of the ~1,100-redshift coarse
+  scan. A winning minimum on its window's edge gets BAD_MINFIT (1024, Redrock's "bad parabola
+  fit") because the true minimum may lie beyond the window.
 
   Differences from Redrock worth knowing: templates here are PCA bases learnt from the training
   split (Redrock ships fixed PCA templates built from models, and fits stars and QSOs too);
@@ -90,6 +98,7 @@ SMALL_DELTA_CHI2 = 9.0        # Redrock's threshold for its SMALL_DELTA_CHI2 war
 ZWARN_SMALL_DELTA_CHI2 = 2**2  # Redrock's ZWARN bit values
 ZWARN_Z_FITLIMIT = 2**5
 ZWARN_NODATA = 2**9
+ZWARN_BAD_MINFIT = 2**10
 _RIDGE = 1e-5                 # relative ridge on the Jacobi-scaled normal matrix (float32-safe)
 _TINY = 1e-30
 
@@ -610,6 +619,93 @@ def _candidates(c: np.ndarray, s: np.ndarray, n_cand: int, sep: float):
     return s_c, ok
 
 
+def _refine_chunk(basis_t, t_obs_j, fc, wc, s_c, ok, s_lo: float, s_hi: float, dz_log: float,
+                  half_window: int, inv: float):
+    """Fine χ² scans around candidate shifts of one chunk of spectra (module docstring, step 3).
+
+    Args:
+      basis_t, t_obs_j: design basis [P, K] and observed pixels' rest-grid index [L] (jax).
+      fc, wc: [B, L] float32 flux and weights of the chunk (jax).
+      s_c: [B, C] candidate ln(1+z); ok: [B, C] bool (False = no candidate, χ² = +inf).
+      s_lo, s_hi: the fitted ln(1+z) range (windows are clipped to it).
+      dz_log: fine step; half_window: fine steps each side of a candidate (window 2h+1 points).
+      inv: 1 / templates.dlog.
+
+    Returns:
+      (s_best [B, C], c_best [B, C] χ² (+inf where not ok), sigma_s [B, C] the 1σ error of
+      ln(1+z) from the χ² curvature (NaN where the minimum is at a window edge or flat),
+      at_edge [B, C] bool: the minimum is on the window's edge, so the true minimum may lie
+      outside it).
+    """
+    offsets = dz_log * np.arange(-half_window, half_window + 1)                 # [F]
+    s_f = np.clip(s_c[:, :, None] + offsets[None, None, :], s_lo, s_hi)         # [B, C, F]
+    shp = s_f.shape
+    cf = np.asarray(_residual_chi2(basis_t, t_obs_j, fc, wc,
+                                   jnp.asarray(s_f.reshape(shp[0], -1) * inv,
+                                               dtype=jnp.float32)),
+                    dtype=np.float64).reshape(shp)
+    j = np.argmin(cf, axis=2)                                                   # [B, C]
+    jc = np.clip(j, 1, shp[2] - 2)
+    take = lambda a, idx: np.take_along_axis(a, idx[..., None], axis=2)[..., 0]  # noqa: E731
+    c_m, c_0, c_p = take(cf, jc - 1), take(cf, jc), take(cf, jc + 1)
+    curv = c_m - 2 * c_0 + c_p
+    interior = (curv > 0) & (j == jc)
+    # Parabola vertex through three equally spaced points (spacing dz_log), at most one step
+    # from the middle one; none when the minimum is on the window edge or flat.
+    delta = np.where(interior, 0.5 * (c_m - c_p) / np.where(curv > 0, curv, 1), 0.0)
+    delta = np.clip(delta, -1.0, 1.0)
+    s_v = np.clip(take(s_f, jc) + delta * dz_log, s_lo, s_hi)
+    cv = np.asarray(_residual_chi2(basis_t, t_obs_j, fc, wc,
+                                   jnp.asarray(s_v * inv, dtype=jnp.float32)),
+                    dtype=np.float64)
+    c_grid, s_grid = take(cf, j), take(s_f, j)
+    use_v = cv < c_grid
+    s_best = np.where(use_v, s_v, s_grid)
+    c_best = np.where(ok, np.where(use_v, cv, c_grid), np.inf)
+    # χ²(s) ≈ χ²_min + (s − s0)² / σ² near the minimum: curv = 2 dz_log² / σ².
+    sigma_s = np.where(interior, dz_log * np.sqrt(2.0 / np.where(curv > 0, curv, 1.0)), np.nan)
+    return s_best, c_best, sigma_s, ~interior
+
+
+def _best_of(s_best, c_best, sigma_s, s_lo: float, s_hi: float, dz_log: float):
+    """Best candidate per spectrum: (s, χ², Δχ² to the second best, σ_s, at-range-limit)."""
+    order = np.argsort(c_best, axis=1)
+    r = np.arange(c_best.shape[0])
+    b0 = order[:, 0]
+    chi_best = c_best[r, b0]
+    chi_2nd = c_best[r, order[:, 1]] if c_best.shape[1] > 1 else np.full(len(r), np.inf)
+    s = s_best[r, b0]
+    edge = (np.abs(s - s_lo) < 0.5 * dz_log) | (np.abs(s - s_hi) < 0.5 * dz_log)
+    return s, chi_best, chi_2nd - chi_best, sigma_s[r, b0], edge
+
+
+def _finish(out: dict) -> dict:
+    """Redrock's ZWARN bits and χ² of spectra without data (shared by fit and refine)."""
+    small = out["delta_chi2"] < SMALL_DELTA_CHI2
+    out["zwarn"] |= np.where(small, ZWARN_SMALL_DELTA_CHI2, 0).astype(np.int32)
+    nodata = out["npix"] == 0
+    out["zwarn"] |= np.where(nodata, ZWARN_NODATA, 0).astype(np.int32)
+    out["chi2"] = np.where(nodata, 0.0, out["chi2"])
+    out["zerr"] = np.where(nodata, np.nan, out["zerr"])
+    return out
+
+
+def _empty_result(n: int, w: np.ndarray) -> dict[str, np.ndarray]:
+    return {"z": np.zeros(n), "zerr": np.zeros(n), "chi2": np.zeros(n),
+            "delta_chi2": np.zeros(n), "npix": (w > 0).sum(axis=1).astype(np.int64),
+            "zwarn": np.zeros(n, np.int32)}
+
+
+def _store(out: dict, start: int, stop: int, s, chi, dchi, sigma_s, edge) -> None:
+    rows = stop - start
+    z = np.expm1(s[:rows])
+    out["z"][start:stop] = z
+    out["zerr"][start:stop] = (1.0 + z) * sigma_s[:rows]
+    out["chi2"][start:stop] = chi[:rows]
+    out["delta_chi2"][start:stop] = dchi[:rows]
+    out["zwarn"][start:stop] = (edge[:rows] * ZWARN_Z_FITLIMIT).astype(np.int32)
+
+
 def fit_redshifts(templates: Templates, flux, ivar, mask, wavelength, *,
                   z_min: float | None = None, z_max: float | None = None,
                   dz_log: float = DEFAULT_DLOG, coarse: int = 4, n_candidates: int = 3,
@@ -631,9 +727,10 @@ def fit_redshifts(templates: Templates, flux, ivar, mask, wavelength, *,
       chunk: spectra per jitted call (memory ∝ chunk); zc: trial redshifts per matrix product.
 
     Returns:
-      dict of [N] arrays: "z" (float64), "chi2" (best χ², float64), "delta_chi2" (second-best
-      candidate's χ² − best; +inf if none), "npix" (valid pixels), "zwarn" (int32, Redrock bits
-      4 SMALL_DELTA_CHI2, 32 Z_FITLIMIT, 512 NODATA).
+      dict of [N] arrays: "z" (float64), "zerr" (1σ from the χ² curvature at the minimum,
+      (1+z)·σ_ln(1+z); NaN when the minimum is not bracketed), "chi2" (best χ², float64),
+      "delta_chi2" (second-best candidate's χ² − best; +inf if none), "npix" (valid pixels),
+      "zwarn" (int32, Redrock bits 4 SMALL_DELTA_CHI2, 32 Z_FITLIMIT, 512 NODATA).
 
     Raises:
       ValueError: bad shapes, or a z range the templates do not cover on this grid.
@@ -656,65 +753,106 @@ def fit_redshifts(templates: Templates, flux, ivar, mask, wavelength, *,
     inv = 1.0 / templates.dlog
     coarse_shifts = jnp.asarray(np.concatenate([s_coarse, np.full(pad, s_coarse[-1])]) * inv,
                                 dtype=jnp.float32)
-    offsets = dz_log * np.arange(-coarse, coarse + 1)                    # fine window [F]
     basis_t = jnp.asarray(templates.design_basis())
     t_obs_j = jnp.asarray(t_obs)
     fb_all, wb_all, t_b = _bin_pairs(f, w, t_obs, coarse_bin)
     t_b_j = jnp.asarray(t_b)
     sep = min_separation_kms / C_KMS
 
-    n = f.shape[0]
-    out = {"z": np.zeros(n), "chi2": np.zeros(n), "delta_chi2": np.zeros(n),
-           "npix": (w > 0).sum(axis=1).astype(np.int64), "zwarn": np.zeros(n, np.int32)}
+    out = _empty_result(f.shape[0], w)
     binned = _chunks(fb_all, wb_all, chunk)
     for start, stop, fc, wc in _chunks(f, w, chunk):
-        rows = stop - start
         _, _, fbc, wbc = next(binned)
         c = np.asarray(_scan_chi2(basis_t, t_b_j, fbc, wbc, coarse_shifts, zc=zc))[:, :nz]
         s_c, ok = _candidates(c.astype(np.float64), s_coarse, n_candidates, sep)
-        # Fine scan around every candidate (clipped to the range), from the residuals.
-        s_f = np.clip(s_c[:, :, None] + offsets[None, None, :], s_lo, s_hi)  # [B, C, F]
-        shp = s_f.shape
-        cf = np.asarray(_residual_chi2(basis_t, t_obs_j, fc, wc,
-                                       jnp.asarray(s_f.reshape(shp[0], -1) * inv,
-                                                   dtype=jnp.float32)),
-                        dtype=np.float64).reshape(shp)
-        j = np.argmin(cf, axis=2)                                            # [B, C]
-        jc = np.clip(j, 1, shp[2] - 2)
-        take = lambda a, idx: np.take_along_axis(a, idx[..., None], axis=2)[..., 0]
-        c_m, c_0, c_p = take(cf, jc - 1), take(cf, jc), take(cf, jc + 1)
-        curv = c_m - 2 * c_0 + c_p
-        # Parabola vertex through three equally spaced points (spacing dz_log), at most one
-        # step from the middle one; none when the minimum is on the window edge or flat.
-        delta = np.where((curv > 0) & (j == jc), 0.5 * (c_m - c_p) / np.where(curv > 0, curv, 1),
-                         0.0)
-        delta = np.clip(delta, -1.0, 1.0)
-        s_v = np.clip(take(s_f, jc) + delta * dz_log, s_lo, s_hi)
-        cv = np.asarray(_residual_chi2(basis_t, t_obs_j, fc, wc,
-                                       jnp.asarray(s_v * inv, dtype=jnp.float32)),
-                        dtype=np.float64)
-        c_grid, s_grid = take(cf, j), take(s_f, j)
-        use_v = cv < c_grid
-        s_best = np.where(use_v, s_v, s_grid)
-        c_best = np.where(use_v, cv, c_grid)
-        c_best = np.where(ok, c_best, np.inf)
-        order = np.argsort(c_best, axis=1)
-        r = np.arange(shp[0])
-        b0 = order[:, 0]
-        chi_best = c_best[r, b0]
-        chi_2nd = c_best[r, order[:, 1]] if n_candidates > 1 else np.full(shp[0], np.inf)
-        z_best = np.expm1(s_best[r, b0])
-        out["z"][start:stop] = z_best[:rows]
-        out["chi2"][start:stop] = chi_best[:rows]
-        out["delta_chi2"][start:stop] = (chi_2nd - chi_best)[:rows]
-        edge = (np.abs(s_best[r, b0] - s_lo) < 0.5 * dz_log) | \
-            (np.abs(s_best[r, b0] - s_hi) < 0.5 * dz_log)
-        out["zwarn"][start:stop] = (edge[:rows] * ZWARN_Z_FITLIMIT).astype(np.int32)
-    small = out["delta_chi2"] < SMALL_DELTA_CHI2
-    out["zwarn"] |= np.where(small, ZWARN_SMALL_DELTA_CHI2, 0).astype(np.int32)
-    nodata = out["npix"] == 0
-    out["zwarn"] |= np.where(nodata, ZWARN_NODATA, 0).astype(np.int32)
-    out["chi2"] = np.where(nodata, 0.0, out["chi2"])
+        # Fine scan over ±1 coarse step around every candidate, from the residuals.
+        refined = _refine_chunk(basis_t, t_obs_j, fc, wc, s_c, ok, s_lo, s_hi, dz_log,
+                                coarse, inv)
+        _store(out, start, stop, *_best_of(*refined[:3], s_lo, s_hi, dz_log))
+    return _finish(out)
+
+
+def refine_redshifts(templates: Templates, flux, ivar, mask, wavelength, z_candidates,
+                     candidate_ok=None, *, dz_log: float = DEFAULT_DLOG, half_window: int = 4,
+                     chunk: int = 128, candidate_penalty=None) -> dict[str, np.ndarray]:
+    """χ² refinement of GIVEN candidate redshifts over narrow windows only (no full-grid scan).
+
+    The candidates typically come from a learned model (:func:`spectrax.redshift.refine`):
+    around each, χ² is evaluated on ``2·half_window + 1`` trial redshifts ``dz_log`` apart
+    (default ±4 × 1e-4 in ln(1+z), ±120 km/s: the template fit's own fine-scan window) from the
+    residuals, a parabola through the minimum gives the sub-step redshift and its 1σ error,
+    and the candidate with the lowest χ² wins. Everything else is :func:`fit_redshifts`'
+    refinement stage, so where a candidate lies within the window of the full-grid fit's
+    minimum both give the same redshift.
+
+    Args:
+      templates: :class:`Templates`. flux, ivar, mask: [N, L]; wavelength: [L] Å.
+      z_candidates: [N, C] candidate redshifts (any order); candidate_ok: [N, C] bool (False =
+        ignore this candidate; default: all finite candidates). Candidates outside the
+        templates' range on this grid (:meth:`Templates.z_limits`) are clipped into it and get
+        Z_FITLIMIT if they win at its edge.
+      dz_log, half_window: the window's step in ln(1+z) and half width in steps.
+      chunk: spectra per jitted call.
+      candidate_penalty: [N, C] added to each candidate's χ² when choosing the winner (a prior,
+        e.g. −2 ln of a learned model's probability of the candidate relative to its best, as
+        Redrock adds its priors to χ²); the reported "chi2" stays the winner's own χ², the
+        reported "delta_chi2" is the penalised difference. None: χ² alone decides.
+
+    Returns:
+      dict of [N] arrays as :func:`fit_redshifts` ("z", "zerr", "chi2", "delta_chi2" = second
+      best refined candidate's χ² − best (+inf with one candidate), "npix", "zwarn" with
+      SMALL_DELTA_CHI2, Z_FITLIMIT (at the templates' range limit), NODATA, and BAD_MINFIT
+      (1024) when the winning minimum lies on its window's edge, i.e. the χ² minimum was not
+      bracketed by the candidate's window), plus "window_edge" [N] bool (the same condition).
+
+    Raises:
+      ValueError: bad shapes, or no candidate column.
+    """
+    if dz_log <= 0 or half_window < 1:
+        raise ValueError("dz_log must be > 0 and half_window ≥ 1")
+    f, w, t_obs, wavelength = _prepare(templates, flux, ivar, mask, wavelength)
+    z_candidates = np.asarray(z_candidates, dtype=np.float64)
+    if z_candidates.ndim != 2 or z_candidates.shape[0] != f.shape[0] \
+            or z_candidates.shape[1] < 1:
+        raise ValueError(f"z_candidates must be [N, C] = [{f.shape[0]}, ≥1], got "
+                         f"{z_candidates.shape}")
+    ok = np.isfinite(z_candidates) & (z_candidates > -1)
+    if candidate_ok is not None:
+        ok &= np.asarray(candidate_ok, bool)
+    penalty = np.zeros(z_candidates.shape) if candidate_penalty is None else np.nan_to_num(
+        np.asarray(candidate_penalty, np.float64), nan=0.0, posinf=0.0)
+    if penalty.shape != z_candidates.shape:
+        raise ValueError(f"candidate_penalty must be {z_candidates.shape}, got {penalty.shape}")
+    lo, hi = templates.z_limits(wavelength)
+    s_lo, s_hi = math.log1p(max(lo, 0.0)), math.log1p(hi)
+    s_all = np.clip(np.log1p(np.where(ok, z_candidates, 0.0)), s_lo, s_hi)
+    basis_t = jnp.asarray(templates.design_basis())
+    t_obs_j = jnp.asarray(t_obs)
+    inv = 1.0 / templates.dlog
+    n = f.shape[0]
+    out = _empty_result(n, w)
+    out["window_edge"] = np.zeros(n, bool)
+    for start, stop, fc, wc in _chunks(f, w, chunk):
+        rows = stop - start
+        s_c = np.zeros((fc.shape[0], s_all.shape[1]))
+        ok_c = np.zeros((fc.shape[0], s_all.shape[1]), bool)
+        pen_c = np.zeros_like(s_c)
+        s_c[:rows], ok_c[:rows] = s_all[start:stop], ok[start:stop]
+        pen_c[:rows] = penalty[start:stop]
+        s_best, c_best, sigma_s, at_edge = _refine_chunk(
+            basis_t, t_obs_j, fc, wc, s_c, ok_c, s_lo, s_hi, dz_log, half_window, inv)
+        best = _best_of(s_best, c_best + pen_c, sigma_s, s_lo, s_hi, dz_log)
+        _store(out, start, stop, *best)
+        b0 = np.argmin(c_best + pen_c, axis=1)
+        r = np.arange(len(b0))
+        out["chi2"][start:stop] = c_best[r, b0][:rows]           # the winner's own χ²
+        out["window_edge"][start:stop] = at_edge[r, b0][:rows]
+    # A minimum on the window's edge that is not the range limit: the parabola found no minimum.
+    bad_min = out["window_edge"] & ((out["zwarn"] & ZWARN_Z_FITLIMIT) == 0) & (out["npix"] > 0)
+    out["zwarn"] |= np.where(bad_min, ZWARN_BAD_MINFIT, 0).astype(np.int32)
+    none = ~ok.any(axis=1)
+    out = _finish(out)
+    out["z"] = np.where(none, np.nan, out["z"])
     return out
 
 

@@ -33,6 +33,17 @@ def _specpt_redshift(m, rngs):
                                  batch_mixing_attention=m.batch_mixing_attention, rngs=rngs)
 
 
+def _zscan(m, rngs):
+    """The learned matched-filter redshift scan; ``m.scan`` holds its redshift range (z_min,
+    z_max, prior_z_range) and any other :class:`~spectrax.models.zscan.ZScanConfig` field."""
+    from spectrax.models import zscan
+    overrides = m.scan.to_dict() if m.get("scan") is not None else {}
+    if "prior_z_range" in overrides:
+        overrides["prior_z_range"] = tuple(overrides["prior_z_range"])
+    return zscan.ZScan(zscan.zscan_config(m.variant or "small", dtype=m.dtype, **overrides),
+                       rngs=rngs)
+
+
 def _tokenizer(m, rngs):
     return tokenizer.SpectralTokenizer(
         tokenizer.tokenizer_config(m.variant or "small", **_compute(m)), rngs=rngs)
@@ -74,6 +85,7 @@ BUILDERS: dict[str, Callable[[Any, nnx.Rngs], nnx.Module]] = {
     "spectrafm": _spectrafm,
     "specpt_autoencoder": _specpt_autoencoder,
     "specpt_redshift": _specpt_redshift,
+    "zscan": _zscan,
     "tokenizer": _tokenizer,
     "tokenizer_adapted": _tokenizer_adapted,
     "vit": _vit,

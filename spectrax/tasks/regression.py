@@ -11,7 +11,7 @@ from spectrax import metrics as M
 from spectrax import plots
 from spectrax.models.spectrafm import IRON_POOR_FE_H
 from spectrax.tasks.base import Task, forward, valid_rows
-from spectrax.tasks.redshift import redshift_metrics_and_table, success_table, write_success_table
+from spectrax.tasks.redshift import redshift_report, success_table, write_success_table
 
 
 class RegressionTask(Task):
@@ -82,7 +82,7 @@ class RegressionTask(Task):
                         f"{name}_crps": M.crps_gaussian(y, yp, np.full_like(y, sigma)),
                         f"n_{name}": int(v.sum())})
             if name == "z":
-                z_metrics = redshift_metrics_and_table(out, v, y, yp)
+                z_metrics = redshift_report(out, v, y, yp)
                 res.update({f"z_{key}": value for key, value in z_metrics.items()})
             if name.lower() in ("feh", "fe_h"):  # SpectraFM's stage-3 evaluation
                 poor = y < IRON_POOR_FE_H
