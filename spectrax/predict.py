@@ -65,9 +65,10 @@ from astropy.table import Table, vstack
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from spectrax import embeddings, redshift, runtime, sharding
+from spectrax import embeddings, metrics, redshift, runtime, sharding
 from spectrax.data import inputs, pipeline
 from spectrax.inference import InferenceModel
+from spectrax.prepare import ensure_data
 from spectrax.spectra import SpectrumError
 
 BLOCK_SPECTRA = 4096  # spectra per resumable part (and per read-ahead unit of work)
@@ -98,7 +99,6 @@ class Refiner:
         """Templates from the first ``n_templates`` spectra of the config's training split and
         the ZERR calibration fitted on its validation split (:meth:`fit_zerr_calibration`),
         cached in the run directory (``refine_templates.npz``, ``refine_zerr.json``)."""
-        from spectrax.prepare import ensure_data
 
         if not getattr(model.model(), "outputs_redshift_logits", False):
             raise ValueError(f"--refine needs a redshift model that outputs a distribution "
@@ -125,7 +125,6 @@ class Refiner:
                              batch_size: int = 64) -> dict[str, float]:
         """Refines every spectrum of ``split`` of a shard directory and fits the refined
         ZERR's scale and floor on them (:func:`spectrax.redshift.fit_zerr_calibration`)."""
-        from spectrax import metrics
 
         j = list(self.model.task.label_names).index("z")
         parts: dict[str, list] = {"z_true": [], "z": [], "zerr": [], "snr": []}

@@ -54,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy.special import erfinv
 
 from spectrax.baselines import template_fit
 
@@ -140,7 +141,6 @@ def summarise_logits(output, ln1pz_grid, *, n_candidates: int = 3,
     against it; when P₁ < 0.6827, and with logits only, the half width of the interval centred
     on Z holding 68.27 % of the distribution (uniform density within each bin).
     """
-    from jax.scipy.special import erfinv
 
     grid = np.asarray(ln1pz_grid, np.float64)
     m = grid.size
