@@ -21,9 +21,9 @@ config's ``attention`` field, which ``spectrax.models.registry.build_model`` fil
   flash-attention kernel on NVIDIA GPUs (bf16/fp16 inputs only; jax raises otherwise), given
   the mask and sequence lengths it accepts (:func:`cudnn_attention`).
 
-Where each is faster was measured with ``python -m benchmarks.attention`` (forward + backward of
-one attention call per shape, implementations timed in interleaved blocks); see
-:func:`choose_implementation` for the rule and ``benchmarks/RESULTS.md`` for the table.
+Where each is faster: ``python -m benchmarks.attention`` times forward + backward of one
+attention call per shape (implementations in interleaved blocks); what decides ``'auto'`` is the
+whole training step of each model (:func:`choose_implementation`).
 """
 from __future__ import annotations
 
@@ -67,13 +67,13 @@ def choose_implementation(q_shape, k_shape, dtype, backend: str | None = None) -
 
     * GPU: ``'cudnn'`` for bf16/fp16 inputs and a head dimension cuDNN's flash kernel takes (a
       multiple of 8, at most 128); otherwise as below.
-    * CPU: ``'blocked'`` once there are more keys than one block (S > ``DEFAULT_BLOCK_KEYS``)
-      and more than one query: forward + backward 1.2-3× faster than ``'deferred'`` at every
-      length (128-2048) and head dimension (16-64) measured, and at the models' shapes (module
-      docstring). ``'deferred'`` for fewer keys (a block would be mostly padding) and for a
-      single query (a decoder's request token: one pass over S is all there is).
-    * Other accelerators: ``'deferred'``, and ``'blocked'`` once the float32 score matrix
-      B·N·T·S would exceed :data:`MATERIALISE_LIMIT_BYTES`.
+    * Otherwise (CPU, TPU, GPU in float32): ``'deferred'``, and ``'blocked'`` once the float32
+      score matrix B·N·T·S would exceed :data:`MATERIALISE_LIMIT_BYTES`. On CPU the blocked
+      scan wins for one attention call in isolation, but not in the models' whole training
+      steps: with ``'deferred'`` SpectraFM ``small`` takes 524 ms a step against 639 ms blocked
+      (T = S = 512, head dim 16), the tokenizer ``small`` 758 vs 877 ms, the 1D transformer
+      ``small`` 1,936 vs 2,367 ms, ViT tiny 312 vs 348 ms (2-core x86 VM, load ~2, batch 32
+      / 16, 2026-12-05, interleaved blocks of 5 steps).
     """
     backend = backend or jax.default_backend()
     b, t, n, h = q_shape
@@ -81,8 +81,6 @@ def choose_implementation(q_shape, k_shape, dtype, backend: str | None = None) -
     if backend in ("gpu", "cuda", "rocm"):
         if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128:
             return "cudnn"
-    elif backend == "cpu":
-        return "blocked" if s > DEFAULT_BLOCK_KEYS and t > 1 else "deferred"
     return "blocked" if b * n * t * s * 4 > MATERIALISE_LIMIT_BYTES else "deferred"
 
 
