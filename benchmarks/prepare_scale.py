@@ -147,10 +147,10 @@ def prepare_run(coadds: list[Path], out: Path, workers: int) -> dict:
 
 
 def predict_run(coadds: list[Path], tmp: Path, batch: int) -> dict:
-    """Trains the quickstart redshift model for one step (its throughput does not depend on
+    """Trains the SpecPT `tokens` redshift model for one step (its throughput does not depend on
     the weights), then predicts the files; returns the rates predict reports."""
     run = tmp / "run"
-    over = ["--config=configs/specpt_redshift_bgs.py", "--config.num_steps=1",
+    over = ["--config=configs/specpt_redshift_bgs.py:variant=tokens", "--config.num_steps=1",
             "--config.init.from_workdir=", "--config.eval_every=0",
             "--config.data.n_train=256", "--config.data.n_val=32", "--config.data.n_test=32",
             f"--config.data.cache_dir={tmp / 'data'}"]
