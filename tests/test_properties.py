@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from spectrax import metrics as M
 from spectrax import tasks
 from spectrax.data.grids import desi_wavelength
-from spectrax.data.preprocess import median_normalise
+from spectrax.data.preprocess import masked_median, median_normalise
 from spectrax.data.readers.desi import merge_cameras
 from spectrax.models import specpt
 from spectrax.spectra import (SpectrumError, pad_batch_rows, sanitize_record, sanitize_rows,
@@ -57,6 +57,23 @@ def test_median_normalise_is_scale_equivariant(data, c):
     b, _, _, _ = median_normalise(jnp.asarray(flux * np.float32(c)), jnp.asarray(ivar),
                                   jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=1e-6)
+
+
+@FEW
+@given(spectra(values=anything))
+def test_masked_median_equals_nanmedian_exactly(data):
+    """The sort-free median is jnp.nanmedian's value to the bit (ties, ±inf, NaN under the
+    mask or not, rows with no valid entry -> NaN), and the float64 numpy median's value."""
+    flux, _, mask = data
+    got = np.asarray(jax.jit(masked_median)(jnp.asarray(flux), jnp.asarray(mask)))
+    ref = np.asarray(jnp.nanmedian(jnp.where(jnp.asarray(mask), jnp.asarray(flux), jnp.nan),
+                                   axis=-1))
+    np.testing.assert_array_equal(got, ref)
+    for row, m, g in zip(flux, mask, got):
+        valid = row[m & ~np.isnan(row)].astype(np.float64)
+        if valid.size and np.all(np.isfinite(valid)):
+            assert g == np.float32(np.median(valid)) or abs(g - np.median(valid)) <= 1e-6 * max(
+                abs(np.median(valid)), 1e-30)
 
 
 @FEW

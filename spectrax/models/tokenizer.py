@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from spectrax.data.preprocess import masked_median
 from spectrax.nn import MultiHeadAttention, TransformerEncoder, WavelengthEmbedding
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -184,8 +185,8 @@ def normalise(flux, sigma, valid, min_scale: float = 0.1):
     """
     flux = jnp.where(valid, jnp.asarray(flux, jnp.float32), 0.0)
     sigma = jnp.where(valid, jnp.asarray(sigma, jnp.float32), 0.0)
-    median = jnp.nanmedian(jnp.where(valid, flux, jnp.nan), axis=-1)
-    # nanmedian of an all-NaN row is NaN; jnp.maximum would propagate it.
+    median = masked_median(flux, valid)
+    # the median of a row without valid pixels is NaN; jnp.maximum would propagate it.
     median = jnp.where(jnp.any(valid, axis=-1), median, 0.0)
     scale = jnp.maximum(median, min_scale)
     return flux / scale[:, None], sigma / scale[:, None], scale
