@@ -291,8 +291,16 @@ def _columns(model: InferenceModel, batch, group, out: dict,
         if all(isinstance(x, (bool, int, float, np.number)) or x is None for x in vals):
             cols[name] = np.array([np.nan if x is None else x for x in vals], np.float64)
         else:
-            cols[name] = np.array(["" if x is None else str(x) for x in vals])
+            cols[name] = np.array(["" if x is None else _ascii(x) for x in vals])
     return cols
+
+
+def _ascii(value) -> str:
+    """``value`` as FITS-writable text. FITS strings are ASCII: one non-ASCII metadata value
+    (the GALAH reader's wavelength_medium "air→vacuum", a file name with an accent) would make
+    the write of the block's part raise UnicodeEncodeError and stop the run, so such characters
+    are kept as escapes ("air\\u2192vacuum")."""
+    return str(value).encode("ascii", "backslashreplace").decode("ascii")
 
 
 def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store: PartStore, *,
