@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -306,6 +307,12 @@ def discover(inputs: Sequence[str | os.PathLike], *, survey: str = "auto",
         skipped += [(str(f), f"not part of any {s} unit (e.g. a redrock file without its "
                      "coadd)") for f in sorted(set(found) - used)]
         units += [FileUnit(s, tuple(str(f) for f in u)) for u in made]
+    if ignored:  # not errors, but never silent: say what was passed over
+        asked = "survey" if survey == "auto" else survey
+        print(f"spectrax: {sum(ignored.values())} file(s) in the searched directories are not "
+              f"{asked} files by their names and were not read ("
+              + ", ".join(f"{n} {ext}" for ext, n in sorted(ignored.items())) + ")",
+              file=sys.stderr, flush=True)
     return Discovery(units + shard_units, skipped, sorted(files), ignored)
 
 
