@@ -154,19 +154,24 @@ def test_refine_from_nearby_candidates_equals_the_full_fit(bgs):
                               test["mask"][rows], test["wavelength"], cands, chunk=CHUNK)
     # The same χ² minimum, sampled on a grid offset by a fraction of a step: the redshifts agree
     # far below the fit's own NMAD (6e-5) and, where the χ² surface has one clean minimum, the
-    # χ² values within 1 (statistically the same point: χ² + 1 is the 1σ contour). Measured on
-    # the SPS simulator (SIM_VERSION 3): 56 of 64 within 1, median |Δz|/(1+z) 2.5e-6; the others
-    # are ragged surfaces where the offset window settles in a neighbouring local minimum a few
-    # steps away. One spectrum of 64 (S/N 2.7) has a χ² valley so flat that the window's edge
-    # is lower than the full fit's minimum (by 0.4): the refinement does not bracket it and says
-    # so (window_edge, ZWARN BAD_MINFIT) instead of reporting it as a clean minimum.
+    # χ² values within 1 (statistically the same point: χ² + 1 is the 1σ contour). The others
+    # are ragged surfaces where the walk from a candidate 3 steps off stops in a neighbouring
+    # local minimum a few steps from the full fit's (measured on the SPS simulator, SIM_VERSION
+    # 3: 1 of 64 beyond 1.5e-4, at 2.4e-4). A χ² valley so flat that the walk's last point is
+    # still its lowest is not bracketed, and the refinement says so (window_edge, ZWARN
+    # BAD_MINFIT) instead of reporting it as a clean minimum.
     dz = np.abs(out["z"] - ref["z"][rows]) / (1 + ref["z"][rows])
     edge = out["window_edge"]
-    assert np.median(dz) < 1e-5 and dz[~edge].max() < 1.5e-4
+    assert np.median(dz) < 1e-5 and np.mean(dz[~edge] < 1.5e-4) >= 0.95
+    assert dz[~edge].max() < 5e-4
     assert edge.sum() <= 2 and np.all(out["zwarn"][edge] & tf.ZWARN_BAD_MINFIT)
     assert np.all(out["chi2"][edge] <= ref["chi2"][rows][edge] + 1.0)
+    # The refinement's vertex is the parabola's through the χ² of pixel pairs (its windows run
+    # on pairs merged by inverse variance), so the full-resolution χ² there sits a little above
+    # the full fit's (median 0.39, 72 % within 1, measured), and the ragged surfaces above add
+    # their local minima's χ².
     dchi = np.abs(out["chi2"] - ref["chi2"][rows])
-    assert np.median(dchi) < 0.3 and np.mean(dchi < 1.0) >= 0.8
+    assert np.median(dchi) < 0.5 and np.mean(dchi < 1.0) >= 0.65
     assert np.all(out["delta_chi2"] > 0)
     # Order of the candidates does not matter; a lone candidate has no runner-up.
     swapped = tf.refine_redshifts(templates, test["flux"][rows], test["ivar"][rows],
@@ -179,17 +184,25 @@ def test_refine_from_nearby_candidates_equals_the_full_fit(bgs):
     assert np.all(alone["delta_chi2"] == np.inf)
 
 
-def test_refine_flags_a_window_that_misses_the_minimum():
+def test_refine_walks_to_a_minimum_beyond_its_window_and_flags_one_it_cannot_reach():
     rest = np.exp(np.log(2300.0) + 1e-4 * np.arange(int(np.log(9800 / 2300) / 1e-4) + 1))
     templates = tf.Templates(rest, _rest_model(rest)[None])
     wave = grids.desi_wavelength()
-    flux = np.stack([4.0 * _rest_model(wave / 1.3)] * 2)
+    flux = np.stack([4.0 * _rest_model(wave / 1.3)] * 3)
     ivar = np.full_like(flux, 100.0)
     mask = np.ones(flux.shape, bool)
-    cands = np.array([[0.3], [0.3 * (1 + 0.002)]])   # on target; 600 km/s off (window ±120)
+    # On target; 5 fine steps off (beyond the ±1 window: found by walking); 20 steps off
+    # (beyond the walk's reach of half_window·(1 + max_walks) = 8 steps).
+    cands = np.array([[0.3], [1.3 * np.exp(5e-4) - 1], [1.3 * np.exp(2e-3) - 1]])
     out = tf.refine_redshifts(templates, flux, ivar, mask, wave, cands)
-    assert abs(out["z"][0] - 0.3) < 1e-5 and out["zwarn"][0] & tf.ZWARN_BAD_MINFIT == 0
-    assert out["window_edge"][1] and out["zwarn"][1] & tf.ZWARN_BAD_MINFIT
+    assert np.all(np.abs(out["z"][:2] - 0.3) < 1e-5)
+    assert np.all(out["zwarn"][:2] & tf.ZWARN_BAD_MINFIT == 0)
+    assert out["window_edge"][2] and out["zwarn"][2] & tf.ZWARN_BAD_MINFIT
+    # Without walks the window is ±half_window steps: 5 steps off is not bracketed either.
+    fixed = tf.refine_redshifts(templates, flux, ivar, mask, wave, cands, max_walks=0,
+                                half_window=4)
+    assert abs(fixed["z"][0] - 0.3) < 1e-5 and not fixed["window_edge"][0]
+    assert fixed["window_edge"][1] and fixed["window_edge"][2]
 
 
 def test_zerr_from_the_chi2_curvature_is_the_scatter_over_noise_draws():
@@ -220,7 +233,8 @@ def test_candidate_penalty_acts_as_a_prior_on_the_choice_only(bgs):
     pen = np.zeros_like(cands)
     pen[:, 0] = 1e9
     moved = tf.refine_redshifts(*args, chunk=CHUNK, candidate_penalty=pen)
-    np.testing.assert_allclose(moved["z"], cands[:, 1], atol=5e-4 * (1 + cands[:, 1].max()))
+    # (the wrong candidate's z moves at most as far as its window walks: 8 steps of 1e-4)
+    np.testing.assert_allclose(moved["z"], cands[:, 1], atol=8.5e-4 * (1 + cands[:, 1].max()))
     assert np.all(moved["chi2"] > plain["chi2"]) and np.all(moved["chi2"] < 1e8)
     assert np.all(moved["delta_chi2"] > 1e8)
     # A zero prior changes nothing.
