@@ -12,6 +12,8 @@ Variants:
 * ``zscan_long``: the same design wider (``base``), 4,000 steps on 40,000 simulated spectra
   (not measured on the SPS simulator: the default already meets issue 15's precision targets
   in 4 minutes on 2 CPU cores, benchmarks/RESULTS.md).
+* ``zscan_fast``: the proposer of the learned + χ² refinement mode (``predict --refine``):
+  120 km/s bins and narrower channels, 2.6× faster than ``zscan``; the χ² sets the precision.
 * ``zscan_tiny``: toy width, for tests.
 * The SpecPT paper heads, initialised from the encoder of ``configs/specpt_elg.py`` trained with
   the same variant (run that first; ``runs/specpt_elg-<variant>``): ``tokens``, ``small``,
@@ -24,7 +26,8 @@ trained ZScan run: ``python -m spectrax.predict --config=... --checkpoint=... --
 """
 from spectrax.config_lib import base_config, parse_arg
 
-ZSCAN_VARIANTS = {"zscan": "small", "zscan_long": "base", "zscan_tiny": "tiny"}
+ZSCAN_VARIANTS = {"zscan": "small", "zscan_long": "base", "zscan_fast": "fast",
+                  "zscan_tiny": "tiny"}
 # SpecPT variant -> (encoder variant, head).
 SPECPT_HEADS = {"paper_text": ("paper", "paper_text"), "paper_count": ("paper", "paper_count"),
                 "paper": ("paper", "paper_text"), "small": ("small", "paper_text"),
