@@ -70,3 +70,17 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
     loss = sum(l * n for l, n in losses) / max(total, 1)
     metrics = trainer.task.metrics(cat)
     return {"loss": loss, "metrics": metrics, "outputs": cat, "examples": examples}
+
+
+def calibrate_task(trainer, state, data_dir, config, idx) -> bool:
+    """After the last training step: evaluates the splits the task calibrates on
+    (``task.calibration_splits``, those the shards have) and lets it fit its calibration
+    (``task.calibrate``); True if it did (its state changed: save it with the checkpoint)."""
+    manifest = shards.read_manifest(data_dir)
+    splits = [s for s in trainer.task.calibration_splits(trainer.abstract_model)
+              if s in manifest.splits]
+    if not splits:
+        return False
+    outputs = {s: evaluate(trainer, state, data_dir, s, config, idx)["outputs"] for s in splits}
+    trainer.task.calibrate(outputs)
+    return True

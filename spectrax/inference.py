@@ -108,12 +108,22 @@ class InferenceModel:
         """A host batch split over this process's devices (rows must divide evenly)."""
         return to_global(batch, self.batch_sharding)
 
-    def __call__(self, batch: SpectrumBatch) -> dict[str, np.ndarray]:
-        """The task's predictions for a host (or already placed) batch, as numpy arrays."""
+    def dispatch(self, batch: SpectrumBatch) -> dict[str, jax.Array]:
+        """Starts the task's predictions for a host (or already placed) batch and returns at
+        once (jax dispatch is asynchronous): the devices compute while the host goes on, e.g.
+        refining the previous batch; :meth:`fetch` waits for them."""
         if isinstance(batch.flux, np.ndarray):
             batch = self.device_batch(batch)
-        out = self._predict(self.state, batch)
+        return self._predict(self.state, batch)
+
+    @staticmethod
+    def fetch(out: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        """The numpy values of :meth:`dispatch`'s result (waits for the computation)."""
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def __call__(self, batch: SpectrumBatch) -> dict[str, np.ndarray]:
+        """The task's predictions for a host (or already placed) batch, as numpy arrays."""
+        return self.fetch(self.dispatch(batch))
 
     @property
     def local_devices(self) -> int:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -65,7 +66,7 @@ from astropy.table import Table, vstack
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from spectrax import embeddings, metrics, redshift, runtime, sharding
+from spectrax import embeddings, redshift, runtime, sharding
 from spectrax.data import inputs, pipeline
 from spectrax.inference import InferenceModel
 from spectrax.prepare import ensure_data
@@ -83,11 +84,11 @@ class Refiner:
       model: a restored redshift model whose predictions carry ``z_candidates``.
       templates: the χ² basis (:func:`spectrax.redshift.templates_for`).
       half_window: fine steps (1e-4 in ln(1+z)) each side of a candidate.
-      zerr_calibration: {"scale", "floor"} of the refined ZERR
+      zerr_calibration: the refined ZERR's calibration
         (:func:`spectrax.redshift.fit_zerr_calibration`); None: Redrock's χ² + 1 error.
     """
 
-    def __init__(self, model: InferenceModel, templates, half_window: int = 4,
+    def __init__(self, model: InferenceModel, templates, half_window: int = 1,
                  zerr_calibration: dict | None = None):
         self.model, self.templates, self.half_window = model, templates, half_window
         self.zerr_calibration = zerr_calibration
@@ -95,10 +96,11 @@ class Refiner:
 
     @classmethod
     def for_run(cls, config, checkpoint: str | Path, model: InferenceModel, *,
-                n_templates: int = 2000, half_window: int = 4) -> Refiner:
+                n_templates: int = 2000, half_window: int = 1) -> Refiner:
         """Templates from the first ``n_templates`` spectra of the config's training split and
-        the ZERR calibration fitted on its validation split (:meth:`fit_zerr_calibration`),
-        cached in the run directory (``refine_templates.npz``, ``refine_zerr.json``)."""
+        the ZERR calibration fitted on spectra they were not fitted on
+        (:meth:`fit_zerr_calibration`), cached in the run directory (``refine_templates.npz``,
+        ``refine_zerr.json``)."""
 
         if not getattr(model.model(), "outputs_redshift_logits", False):
             raise ValueError(f"--refine needs a redshift model that outputs a distribution "
@@ -111,25 +113,33 @@ class Refiner:
         refiner = cls(model, templates, half_window)
         cache = run_dir / redshift.ZERR_CALIBRATION_CACHE
         key = {"step": model.step, "half_window": half_window, "n_templates": n_templates,
-               "candidate_prior": True}
+               "candidate_prior": True, "refine": "walking windows, binned pixels",
+               "zerr": "S/N-dependent scale, val + unused train spectra"}
         cached = json.loads(cache.read_text()) if cache.exists() else {}
         if cached.get("key") == key:
             refiner.zerr_calibration = cached["calibration"]
         else:
-            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, "val")
+            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, n_templates)
             cache.write_text(json.dumps({"key": key,
                                          "calibration": refiner.zerr_calibration}))
         return refiner
 
-    def fit_zerr_calibration(self, data_dir: str | Path, split: str = "val",
-                             batch_size: int = 64) -> dict[str, float]:
-        """Refines every spectrum of ``split`` of a shard directory and fits the refined
-        ZERR's scale and floor on them (:func:`spectrax.redshift.fit_zerr_calibration`)."""
+    def fit_zerr_calibration(self, data_dir: str | Path, n_templates: int = 2000,
+                             n_train: int = 2000, batch_size: int = 64) -> dict[str, Any]:
+        """Refines the validation split and up to ``n_train`` training spectra the templates were
+        not fitted on (those after the first ``n_templates``; the refined Z is the χ²'s, which
+        has not seen them) and fits the refined ZERR's S/N-dependent scale and floor on them
+        (:func:`spectrax.redshift.fit_zerr_calibration`)."""
 
         j = list(self.model.task.label_names).index("z")
         parts: dict[str, list] = {"z_true": [], "z": [], "zerr": [], "snr": []}
         batch_size = sharding.round_up_batch(batch_size, self.model.local_devices)
-        for batch in pipeline.eval_batches(str(data_dir), split, batch_size=batch_size):
+        skip = -(-n_templates // batch_size)            # train batches holding template spectra
+        train = itertools.islice(pipeline.eval_batches(str(data_dir), "train",
+                                                       batch_size=batch_size),
+                                 skip, skip + -(-n_train // batch_size))
+        val = pipeline.eval_batches(str(data_dir), "val", batch_size=batch_size)
+        for batch in itertools.chain(val, train):
             cols = redshift.refine_columns(batch, self.model(batch), self.templates,
                                            z_train_range=self.z_train_range,
                                            half_window=self.half_window)
@@ -137,8 +147,8 @@ class Refiner:
             parts["z_true"].append(batch.labels[v, j])
             parts["z"].append(cols["Z"][v])
             parts["zerr"].append(cols["ZERR"][v])
-            parts["snr"].append(metrics.median_snr(batch.flux[v], batch.ivar[v],
-                                                   batch.mask[v]))
+            parts["snr"].append(redshift.median_snr(batch.flux[v], batch.ivar[v],
+                                                    batch.mask[v]))
         return redshift.fit_zerr_calibration(*(np.concatenate(parts[k]) for k in
                                                ("z_true", "z", "zerr", "snr")))
 
@@ -307,7 +317,9 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
                    batch_size: int, policy: inputs.LengthPolicy, strict: bool = False,
                    progress: bool = True, refiner: Refiner | None = None) -> Timing:
     """Predicts every block (with read-ahead, see :func:`_read_ahead`) into ``store``; with a
-    ``refiner`` the χ² refinement runs on each batch too (inside the timed step)."""
+    ``refiner`` the χ² refinement runs on each batch too, while the devices already compute the
+    next batch's predictions (the host's share of the refinement overlaps them). The step time
+    is the loop's own (dispatch, fetch, refinement), without waiting for the reader."""
     timing = Timing()
     q: queue.Queue = queue.Queue(maxsize=4)
     reader = threading.Thread(target=_read_ahead, args=(model, blocks, batch_size, policy,
@@ -317,23 +329,13 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
     total = sum(sum(u.size_hint() for u in b) for _, b in blocks)
     bar = tqdm(total=total, desc="predict", unit="spectrum", dynamic_ncols=True,
                disable=not progress, file=sys.stderr)
-    while True:
-        item = q.get()
-        if item[0] == "error":
-            raise item[1]
-        if item[0] == "done":
-            break
-        if item[0] == "end":
-            _, key, counts, refused = item
-            parts = columns.pop(key, [])
-            store.write(key, _stack_tables([Table(p) for p in parts]) if parts else None,
-                        counts, refused)
-            continue
-        _, key, batch, device_batch, group = item
+    pending = None   # (key, host batch, group, dispatched predictions, seconds spent so far)
+
+    def finish(key, batch, group, dispatched, seconds):
         t = time.perf_counter()
-        out = model(device_batch)
+        out = model.fetch(dispatched)
         refined = refiner(batch, out) if refiner is not None else None
-        elapsed = time.perf_counter() - t
+        elapsed = seconds + time.perf_counter() - t
         n = int(batch.valid.sum())
         if batch.num_pixels in timing.compiled:  # a length's first call compiles: not a rate
             timing.step_seconds += elapsed
@@ -345,6 +347,29 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
             timing.wall_spectra = 0
         columns.setdefault(key, []).append(_columns(model, batch, group, out, refined))
         bar.update(n)
+
+    while True:
+        item = q.get()
+        if item[0] == "error":
+            raise item[1]
+        if item[0] in ("done", "end") and pending is not None:
+            finish(*pending)
+            pending = None
+        if item[0] == "done":
+            break
+        if item[0] == "end":
+            _, key, counts, refused = item
+            parts = columns.pop(key, [])
+            store.write(key, _stack_tables([Table(p) for p in parts]) if parts else None,
+                        counts, refused)
+            continue
+        _, key, batch, device_batch, group = item
+        t = time.perf_counter()
+        dispatched = model.dispatch(device_batch)
+        seconds = time.perf_counter() - t
+        if pending is not None:
+            finish(*pending)
+        pending = (key, batch, group, dispatched, seconds)
     bar.close()
     reader.join()
     return timing
@@ -354,7 +379,7 @@ def run(config, checkpoint: str, input_paths: Sequence[str], output: str | Path,
         batch_size: int = 64, split: str | None = None, survey: str = "auto",
         restart: bool = False, strict: bool = False, block_spectra: int = BLOCK_SPECTRA,
         progress: bool = True, refine: bool = False, refine_templates: int = 2000,
-        half_window: int = 4) -> dict[str, Any]:
+        half_window: int = 1) -> dict[str, Any]:
     """Predicts every spectrum of ``input_paths`` and writes a FITS catalogue; returns a
     summary (rows, output, reader_counts, refused messages, blocks_resumed, spectra_per_s
     with reading and step_spectra_per_s of the jitted calls alone, with ``refine`` the χ²
@@ -476,7 +501,7 @@ def define_flags() -> None:
                       "DELTACHI2 refined; the learned ones kept as *_LEARNED).")
     flags.DEFINE_integer("refine_templates", 2000, "With --refine: training spectra the χ² "
                          "templates are fitted on (cached in the run directory).")
-    flags.DEFINE_integer("half_window", 4, "With --refine: fine steps (1e-4 in ln(1+z)) each "
+    flags.DEFINE_integer("half_window", 1, "With --refine: fine steps (1e-4 in ln(1+z)) each "
                          "side of a candidate.")
     flags.DEFINE_string("embeddings", None, "Write the tokenizer's embeddings (token sequences "
                         "and mean-pooled vectors, see spectrax.embeddings) to this HDF5 file "

@@ -312,6 +312,9 @@ def _train(config, workdir, preempt: guards.Preemption) -> dict:
                           config, idx)
             logger.write({"step": done, "eval_loss": ev["loss"],
                           **{f"val_{k}": v for k, v in ev["metrics"].items()}})
+        if done == config.num_steps and evaluation.calibrate_task(trainer, state, data_dir,
+                                                                  config, idx):
+            meta["task_state"] = trainer.task.state()   # saved with the last checkpoint
         if done % config.ckpt_every == 0 or done == config.num_steps or stop:
             guards.refuse_nonfinite_parameters(state, done)
             ckpt.save(done, state, data_iter.get_state(), meta, force=True)

@@ -17,6 +17,9 @@ a task use labels only when the shards have them (e.g. the survey of each spectr
 ``fit_state(stats, data_dir)`` takes what the task needs from the train split's statistics
 (label standardisation), and ``state()`` / ``load_state()`` carry it through checkpoints, so
 fine-tunes and inference reuse the statistics the model was trained with.
+``calibration_splits(model)`` and ``calibrate(outputs_by_split)``: a calibration fitted once
+after the last training step on the evaluation outputs of those splits (the redshift task's
+S/N-dependent ZERR), kept in the task's state.
 
 Models are called as ``model(flux, mask, wavelength, train=bool)`` on median-normalised flux,
 except models with ``takes_raw_spectra = True`` (the tokenizer family), which normalise inside

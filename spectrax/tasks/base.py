@@ -26,6 +26,15 @@ class Task:
     def load_state(self, state: dict | None) -> None:
         """Restores what :meth:`state` returned (from a checkpoint's metadata)."""
 
+    def calibration_splits(self, model) -> tuple[str, ...]:
+        """Splits whose evaluation outputs :meth:`calibrate` takes after the last training step
+        of ``model`` (an abstract model is enough); empty: nothing is fitted after training."""
+        return ()
+
+    def calibrate(self, outputs: dict[str, dict]) -> None:
+        """Fits a post-training calibration on {split: the evaluation's concatenated outputs}
+        (:func:`spectrax.evaluation.evaluate`) and keeps it in :meth:`state`."""
+
 
 def forward(model, batch: SpectrumBatch, *, train: bool):
     """Calls ``model`` on ``batch`` with the inputs its family expects (module docstring)."""
