@@ -10,16 +10,21 @@ first ``--n_train`` spectra of its 'train' split (as the refinement mode does,
 :func:`spectrax.redshift.templates_for`); all three methods measure the first ``--n_test``
 spectra of its 'test' split. The learned model is the run ``--runs`` (default
 ``runs/specpt_redshift_<sample>-<variant>``, written by ``python -m spectrax.train
---config=configs/specpt_redshift_<sample>.py[:variant=...]``); without it that sample's learned
-rows are skipped.
+--config=configs/specpt_redshift_<sample>.py[:variant=...]``); the refinement mode's proposer is
+the run of ``--refine_variant`` (default ``zscan_fast``: the χ² sets the precision, so the
+proposer is chosen for speed), measured alone as well; a run that is missing skips its rows.
 
 Rows: NMAD, η, success (|Δz| < 1000 km/s·(1+z)), ZERR coverage (fraction with |Δz| < ZERR,
 0.683 when calibrated), the fraction with ZWARN = 0 and η among those, and spectra/s.
 
-Timing (same process, same CPU, one after the other): compile excluded for every method (each
-runs once on a first chunk/batch before the clock starts); all inputs are host arrays already in
+Timing (same process, same CPU, one after the other, the median of ``--reps`` runs of each
+method): compile excluded for every method (each
+runs once on a first chunk/batch before the clock starts; the refinement once over all batches,
+as the shapes of its χ² calls depend on how far its windows walk); all inputs are host arrays already in
 memory; every result is fetched to the host, so no device work is left in flight. The learned
-rate is its jitted predict; the refined rate is that predict PLUS the χ² refinement, end to end.
+rate is its jitted predict; the refined rate is that predict PLUS the χ² refinement, end to end,
+pipelined as ``predict --refine`` runs them (:func:`spectrax.predict.predict_blocks`: the next
+batch's predictions are dispatched before the current batch is refined).
 One JSON line per row is appended to ``--out`` with the machine, jax version, date and load.
 """
 from __future__ import annotations
@@ -39,15 +44,21 @@ FLAGS = flags.FLAGS
 # every simulated ELG has a median S/N below 3 (faint continua; the redshift is in the lines).
 SNR_EDGES = (0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, np.inf)
 flags.DEFINE_list("samples", ["bgs", "elg"], "Simulated samples (configs/specpt_redshift_<s>.py).")
-flags.DEFINE_string("variant", "zscan", "Variant of the redshift configs.")
+flags.DEFINE_string("variant", "zscan", "Variant of the redshift configs: the learned row.")
+flags.DEFINE_string("refine_variant", "zscan_fast", "Variant whose trained run proposes the "
+                    "candidates of the learned + χ² refine row (runs/specpt_redshift_<sample>-"
+                    "<refine_variant>).")
 flags.DEFINE_list("runs", [], "Trained runs, one per sample (default runs/specpt_redshift_"
                   "<sample>-<variant>).")
 flags.DEFINE_integer("n_train", 2000, "Training spectra for the templates (first of 'train').")
 flags.DEFINE_integer("n_test", 1000, "Test spectra (first of 'test'); 0 = the whole split.")
 flags.DEFINE_integer("n_components", 6, "Template basis vectors (mean + n−1 components).")
 flags.DEFINE_integer("chunk", 128, "Spectra per jitted template-fit call.")
-flags.DEFINE_integer("batch", 128, "Learned-model batch (and refinement chunk).")
-flags.DEFINE_integer("half_window", 4, "Refinement window: fine steps (1e-4) each side.")
+flags.DEFINE_integer("batch", 128, "Learned-model batch.")
+flags.DEFINE_integer("reps", 3, "Timed runs per method; the median rate is reported (the "
+                     "2-core VM's rates moved by ±15 % between single runs).")
+flags.DEFINE_integer("half_window", 1, "Refinement window: fine steps (1e-4) each side "
+                     "(the window walks where its minimum is on an edge).")
 flags.DEFINE_string("out", "benchmarks/results.jsonl", "Where result rows are appended.")
 
 
@@ -111,37 +122,53 @@ def scores(z_true, z_pred, zerr=None, zwarn=None, snr=None) -> dict:
     return row
 
 
-def learned_and_refined(config, run: Path, test: dict, batch_size: int, half_window: int):
-    """(learned result, learned seconds, refined result, refined seconds, checkpoint step,
-    ZERR calibration) on ``test``; the refinement is ``predict --refine``'s
-    (:class:`spectrax.predict.Refiner`: templates of the first --n_train training spectra,
-    ZERR calibration fitted on the validation split, both cached in the run directory)."""
+def learned_and_refined(config, run: Path, test: dict, batch_size: int, half_window: int,
+                        refine: bool):
+    """(learned result, learned seconds, refined result or None, refined seconds, checkpoint
+    step, ZERR calibration) on ``test``; with ``refine`` also ``predict --refine``'s refinement
+    (:class:`spectrax.predict.Refiner`: templates of the first --n_train training spectra, ZERR
+    calibration fitted on the validation split, both cached in the run directory)."""
     import jax
 
     from spectrax.inference import InferenceModel
     from spectrax.predict import Refiner
 
     predictor = InferenceModel.from_checkpoint(config, run)
-    refine = Refiner.for_run(config, run, predictor, n_templates=FLAGS.n_train,
-                             half_window=half_window)
+    refiner = Refiner.for_run(config, run, predictor, n_templates=FLAGS.n_train,
+                              half_window=half_window) if refine else None
     batches = host_batches(test, batch_size)
     n = len(test["z"])
 
-    warm = predictor(batches[0])                 # compile predict and the χ² window (excluded)
-    refine(batches[0], warm)
-    t0 = time.perf_counter()
-    outs = [predictor(b) for b in batches]       # each fetched to the host (np.asarray)
-    jax.block_until_ready(jax.numpy.zeros(()))
-    t_learned = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cols = []
-    for b in batches:
-        cols.append(refine(b, predictor(b)))
-    t_refined = time.perf_counter() - t0
+    predictor(batches[0])                        # compile predict (excluded)
+    if refiner:  # one untimed pass: the χ² calls' shapes depend on how far windows walk
+        for b in batches:
+            refiner(b, predictor(b))
+    times = []
+    for _ in range(FLAGS.reps):
+        t0 = time.perf_counter()
+        outs = [predictor(b) for b in batches]   # each fetched to the host (np.asarray)
+        jax.block_until_ready(jax.numpy.zeros(()))
+        times.append(time.perf_counter() - t0)
+    t_learned = float(np.median(times))
     cat = lambda key, parts: np.concatenate([p[key] for p in parts])[:n]  # noqa: E731
-    learned = {k: cat(k, outs) for k in ("z_pred", "z_err", "zwarn")}
+    learned = {k: cat(k, outs) for k in ("z_pred", "zwarn")}
+    learned["z_err"] = np.concatenate([predictor.task.zerr(o) for o in outs])[:n]  # catalogue's
+    if not refiner:
+        return learned, t_learned, None, None, predictor.step, None
+    times = []
+    for _ in range(FLAGS.reps):
+        # As predict --refine runs them: batch i + 1 is predicted while batch i is refined.
+        t0 = time.perf_counter()
+        cols, pending = [], predictor.dispatch(batches[0])
+        for i, b in enumerate(batches):
+            out = predictor.fetch(pending)
+            if i + 1 < len(batches):
+                pending = predictor.dispatch(batches[i + 1])
+            cols.append(refiner(b, out))
+        times.append(time.perf_counter() - t0)
+    t_refined = float(np.median(times))
     refined = {k: cat(k, cols) for k in ("Z", "ZERR", "ZWARN", "DELTACHI2")}
-    return learned, t_learned, refined, t_refined, predictor.step, refine.zerr_calibration
+    return learned, t_learned, refined, t_refined, predictor.step, refiner.zerr_calibration
 
 
 def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
@@ -162,27 +189,40 @@ def run_sample(sample: str, run: Path, base: dict) -> list[dict]:
                                  train["wavelength"], train["z"],
                                  n_components=FLAGS.n_components)
     t_templates = time.perf_counter() - t0
-    res, secs, compile_s = tf.timed_fit(templates, test, chunk=FLAGS.chunk)
+    runs = [tf.timed_fit(templates, test, chunk=FLAGS.chunk) for _ in range(FLAGS.reps)]
+    res, compile_s = runs[0][0], runs[0][2]
+    secs = float(np.median([r[1] for r in runs]))
     z_true = test["z"]
     snr = M.median_snr(test["flux"], test["ivar"], test["mask"])
     base = {**base, "sample": sample, "data": str(data_dir), "split": "test", "n": n}
     rows = [{**base, "method": "template fit (full grid)", "n_train": len(train["z"]),
              **scores(z_true, res["z"], res["zerr"], res["zwarn"], snr),
              "spectra_per_s": n / secs, "warmup_s": compile_s, "template_fit_s": t_templates}]
-    if not (run / "metrics.json").exists():
-        print(f"{sample}: no trained run at {run} (train configs/specpt_redshift_{sample}.py "
-              "first); learned rows skipped", flush=True)
-        return rows
-    learned, t_l, refined, t_r, step, calibration = learned_and_refined(
-        config, run, test, FLAGS.batch, FLAGS.half_window)
-    rows.append({**base, "method": f"learned ({config.model.name}:{config.model.variant})",
-                 "run": str(run), "step": step,
-                 **scores(z_true, learned["z_pred"], learned["z_err"], learned["zwarn"], snr),
-                 "spectra_per_s": n / t_l})
-    rows.append({**base, "method": "learned + χ² refine", "run": str(run), "step": step,
-                 "half_window": FLAGS.half_window, "zerr_calibration": calibration,
-                 **scores(z_true, refined["Z"], refined["ZERR"], refined["ZWARN"], snr),
-                 "spectra_per_s": n / t_r})
+    # The learned model alone (--variant) and the refinement mode on its proposer
+    # (--refine_variant); one pass when they are the same run.
+    plan = {FLAGS.variant: (run, FLAGS.variant == FLAGS.refine_variant)}
+    if FLAGS.refine_variant != FLAGS.variant:
+        plan[FLAGS.refine_variant] = (
+            Path(f"runs/specpt_redshift_{sample}-{FLAGS.refine_variant}"), True)
+    for variant, (run_dir, refine) in plan.items():
+        cfg = config_lib.load(f"configs/specpt_redshift_{sample}.py", f"variant={variant}")
+        if not (run_dir / "metrics.json").exists():
+            print(f"{sample}: no trained run at {run_dir} (train configs/specpt_redshift_"
+                  f"{sample}.py:variant={variant} first); its rows are skipped", flush=True)
+            continue
+        learned, t_l, refined, t_r, step, calibration = learned_and_refined(
+            cfg, run_dir, test, FLAGS.batch, FLAGS.half_window, refine)
+        name = f"{cfg.model.name}:{cfg.model.variant}"
+        rows.append({**base, "method": f"learned ({name})", "run": str(run_dir), "step": step,
+                     **scores(z_true, learned["z_pred"], learned["z_err"], learned["zwarn"],
+                              snr),
+                     "spectra_per_s": n / t_l})
+        if refined is not None:
+            rows.append({**base, "method": f"learned ({name}) + χ² refine", "run": str(run_dir),
+                         "step": step, "half_window": FLAGS.half_window,
+                         "zerr_calibration": calibration,
+                         **scores(z_true, refined["Z"], refined["ZERR"], refined["ZWARN"], snr),
+                         "spectra_per_s": n / t_r})
     return rows
 
 
@@ -190,7 +230,8 @@ def main(argv):
     del argv
     import jax
 
-    base = {"benchmark": "template_vs_specpt", **machine()}
+    base = {"benchmark": "template_vs_specpt", **machine(), "reps": FLAGS.reps,
+            "batch": FLAGS.batch}
     runs = FLAGS.runs or [f"runs/specpt_redshift_{s}-{FLAGS.variant}" for s in FLAGS.samples]
     if len(runs) != len(FLAGS.samples):
         raise app.UsageError("--runs needs one run per sample")
