@@ -119,7 +119,9 @@ class Refiner:
         if cached.get("key") == key:
             refiner.zerr_calibration = cached["calibration"]
         else:
-            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, n_templates)
+            # As many further training spectra as the templates took (2,000 by default).
+            refiner.zerr_calibration = refiner.fit_zerr_calibration(data_dir, n_templates,
+                                                                    n_train=n_templates)
             cache.write_text(json.dumps({"key": key,
                                          "calibration": refiner.zerr_calibration}))
         return refiner
