@@ -75,7 +75,7 @@ def evaluate(trainer, state, data_dir, split, config, idx) -> dict:
 def calibrate_task(trainer, state, data_dir, config, idx) -> bool:
     """After the last training step: evaluates the splits the task calibrates on
     (``task.calibration_splits``, those the shards have) and lets it fit its calibration
-    (``task.calibrate``); True if it did (its state changed: save it with the checkpoint)."""
+    (``task.calibrate``); True if the task was asked to (save its state with the checkpoint)."""
     manifest = shards.read_manifest(data_dir)
     splits = [s for s in trainer.task.calibration_splits(trainer.abstract_model)
               if s in manifest.splits]

@@ -319,9 +319,10 @@ def predict_blocks(model: InferenceModel, blocks: list[tuple[str, list]], store:
                    batch_size: int, policy: inputs.LengthPolicy, strict: bool = False,
                    progress: bool = True, refiner: Refiner | None = None) -> Timing:
     """Predicts every block (with read-ahead, see :func:`_read_ahead`) into ``store``; with a
-    ``refiner`` the χ² refinement runs on each batch too, while the devices already compute the
-    next batch's predictions (the host's share of the refinement overlaps them). The step time
-    is the loop's own (dispatch, fetch, refinement), without waiting for the reader."""
+    ``refiner`` the χ² refinement runs on each batch too, after the next batch's predictions
+    are dispatched, so an accelerator computes them beside the host's refinement (on a 2-core
+    CPU, where both share the cores, this measured no gain). The step time is the loop's own
+    (dispatch, fetch, refinement), without waiting for the reader."""
     timing = Timing()
     q: queue.Queue = queue.Queue(maxsize=4)
     reader = threading.Thread(target=_read_ahead, args=(model, blocks, batch_size, policy,

@@ -12,7 +12,9 @@ Columns (Redrock's names, so code written for Redrock catalogues runs unchanged)
   0.683 (catastrophic failures count as not covered). Learned models: from the distribution
   (the peak's width, widened by the probability outside the peak; see
   :func:`summarise_logits`), mapped by a calibration the redshift task trains on a held-out
-  tenth of the training spectra (:func:`calibrated_radius`). Refinement mode: Redrock's
+  tenth of the training spectra (:func:`calibrated_radius`), then, after the last training
+  step, by an S/N-dependent one fitted on the validation split and that tenth
+  (:func:`fit_zerr_calibration`, ``RedshiftTask.calibrate``). Refinement mode: Redrock's
   definition, the step in z that raises χ² by 1 (the parabola's curvature), which alone covers
   too little (0.50 on simulated BGS: the PCA templates do not describe a galaxy exactly, an
   error χ² does not see), so it is scaled and given a floor, ZERR = √((k·σ_χ²)² +
@@ -428,15 +430,15 @@ def refine_columns(batch, outputs: dict, templates: template_fit.Templates, *,
 
 
 def calibrate_zerr(z, zerr, calibration: dict, snr=None) -> np.ndarray:
-    """[N] calibrated refinement ZERR: √((k(S/N)·zerr)² + (floor·(1+z))²), ln k interpolated
-    linearly in ln S/N between the calibration's S/N groups (constant beyond the end groups'
-    medians: extrapolating the end segments' trends amplified the groups' sampling noise); a
-    NaN zerr (χ² minimum not bracketed) becomes the floor alone.
+    """[N] calibrated ZERR (refined or learned): √((k(S/N)·zerr)² + (floor·(1+z))²), ln k
+    interpolated linearly in ln S/N between the calibration's S/N groups (constant beyond the
+    end groups' medians: extrapolating the end segments' trends amplified the groups' sampling
+    noise); a NaN zerr (χ² minimum not bracketed) becomes the floor alone.
 
     Args:
-      z, zerr: [N] refined redshift and χ² + 1 error. calibration: :func:`fit_zerr_calibration`'s
+      z, zerr: [N] redshift and its uncalibrated error. calibration: :func:`fit_zerr_calibration`'s
         dict ({"scale", "floor"} with a scalar scale, or per-group "scale" at "log_snr").
-      snr: [N] median S/N (:func:`spectrax.metrics.median_snr`); needed for per-group scales.
+      snr: [N] median S/N (:func:`batch_snr`); needed for per-group scales.
     """
     z = np.asarray(z, np.float64)
     zerr = np.nan_to_num(np.asarray(zerr, np.float64), nan=0.0)
@@ -452,8 +454,8 @@ def calibrate_zerr(z, zerr, calibration: dict, snr=None) -> np.ndarray:
 
 def fit_zerr_calibration(z_true, z, zerr, snr, *, n_groups: int = 3,
                          per_group: int = 200, max_groups: int = 8) -> dict[str, Any]:
-    """The refined ZERR's calibration (:func:`calibrate_zerr`) from spectra of known redshift:
-    a floor and a scale that depends on S/N.
+    """A ZERR calibration (:func:`calibrate_zerr`; the refined one and the learned one's last
+    stage) from spectra of known redshift: a floor and a scale that depends on S/N.
 
     1. The floor (template mismatch, in Δz/(1+z)): with one global scale, the grid point
        (scale in [0.5, 4], floor 0 or in [1e-6, 1e-4]) whose coverage, |z_true − z| < ZERR, is
@@ -466,8 +468,8 @@ def fit_zerr_calibration(z_true, z, zerr, snr, *, n_groups: int = 3,
        S/N (0.62 at S/N 1–2 and 0.59 above 20 on simulated BGS, 0.70 in between).
 
     Args:
-      z_true, z, zerr, snr: [N] true and refined redshifts, refined χ² + 1 errors and median
-        S/N (:func:`spectrax.metrics.median_snr`).
+      z_true, z, zerr, snr: [N] true and estimated redshifts, the uncalibrated errors (the
+        refinement's χ² + 1 or the model's) and median S/N (:func:`batch_snr`).
 
     Returns:
       {"scale": [G], "log_snr": [G] group medians of ln S/N, "floor", "n", "coverage"
