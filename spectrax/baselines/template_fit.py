@@ -101,7 +101,7 @@ ZWARN_SMALL_DELTA_CHI2 = 2**2  # Redrock's ZWARN bit values
 ZWARN_Z_FITLIMIT = 2**5
 ZWARN_NODATA = 2**9
 ZWARN_BAD_MINFIT = 2**10
-_SMALL_CALL = 16             # granularity (rows) of the jitted χ² calls of short remainders
+_SMALL_CALL = 16             # rows of the smallest jitted χ² call (remainders)
 _RIDGE = 1e-5                 # relative ridge on the Jacobi-scaled normal matrix (float32-safe)
 _TINY = 1e-30
 
@@ -780,16 +780,16 @@ def fit_redshifts(templates: Templates, flux, ivar, mask, wavelength, *,
 def _rows_chi2(basis_t, t_obs_j, f: np.ndarray, w: np.ndarray, rows: np.ndarray,
                shifts: np.ndarray, chunk: int) -> np.ndarray:
     """Residual-form χ² [P, R] of the spectra ``rows`` [P] of f, w [N, L] at ``shifts`` [P, R]
-    (ln(1+z) / templates.dlog), in jitted calls of ``chunk`` rows, the remainder rounded up to
-    a multiple of :data:`_SMALL_CALL` rows: at most chunk / _SMALL_CALL compiled shapes per
-    (L, R), and little padding in the small, uneven calls of the walking windows. Padding rows
-    have zero weight (χ² 0, discarded)."""
+    (ln(1+z) / templates.dlog), in jitted calls of ``chunk`` rows, the remainder in a call of
+    the next power of two ≥ :data:`_SMALL_CALL` rows: a few compiled shapes per (L, R) (each
+    compile costs ~0.4 s) and at most half of a small call padded, where the walking windows'
+    calls are small and uneven. Padding rows have zero weight (χ² 0, discarded)."""
     p, r = shifts.shape
     out = np.empty((p, r))
     start = 0
     while start < p:
         left = p - start
-        size = min(chunk, -(-left // _SMALL_CALL) * _SMALL_CALL)
+        size = min(chunk, max(_SMALL_CALL, 1 << (left - 1).bit_length()))
         take = min(size, left)
         idx = rows[start:start + take]
         fc = np.zeros((size, f.shape[1]), np.float32)
