@@ -142,15 +142,15 @@ class Refiner:
                                  skip, skip + -(-n_train // batch_size))
         val = pipeline.eval_batches(str(data_dir), "val", batch_size=batch_size)
         for batch in itertools.chain(val, train):
-            cols = redshift.refine_columns(batch, self.model(batch), self.templates,
+            out = self.model(batch)
+            cols = redshift.refine_columns(batch, out, self.templates,
                                            z_train_range=self.z_train_range,
                                            half_window=self.half_window)
             v = batch.valid & batch.label_mask[:, j]
             parts["z_true"].append(batch.labels[v, j])
             parts["z"].append(cols["Z"][v])
             parts["zerr"].append(cols["ZERR"][v])
-            parts["snr"].append(redshift.median_snr(batch.flux[v], batch.ivar[v],
-                                                    batch.mask[v]))
+            parts["snr"].append(out["median_snr"][v])   # computed inside the jitted predict
         return redshift.fit_zerr_calibration(*(np.concatenate(parts[k]) for k in
                                                ("z_true", "z", "zerr", "snr")))
 
