@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectrax.models.spectrafm import FE_WINDOW
+from spectrax.nn import Dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class WindowMLP(nnx.Module):
         a, b = cfg.pixel_range
         widths = (b - a,) + tuple(cfg.hidden)
         self.layers = nnx.List([nnx.Linear(i, o, rngs=rngs) for i, o in zip(widths[:-1], widths[1:])])
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.dropout, rngs=rngs)
         self.out = nnx.Linear(widths[-1], num_outputs, rngs=rngs)
 
     def __call__(self, flux, mask, wavelength, *, train: bool = False):

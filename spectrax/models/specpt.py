@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectrax.nn import (TransformerDecoder, TransformerEncoder, WavelengthEmbedding,
+from spectrax.nn import (Dropout, TransformerDecoder, TransformerEncoder, WavelengthEmbedding,
                          MultiHeadAttention)
 from spectrax.nn.embeddings import DEFAULT_MAX_PERIOD, DEFAULT_MIN_PERIOD
 
@@ -507,7 +507,7 @@ class PositiveOutput(nnx.Module):
             self.hidden = None
         else:
             self.hidden = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.output = nnx.Linear(width if hidden is None else hidden, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
@@ -524,7 +524,7 @@ class TextResidualBlock(nnx.Module):
         self.linear1 = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
         self.linear2 = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
         self.layer_norm = nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
         h = self.dropout(_swish(self.linear1(x)), deterministic=not train)
@@ -581,7 +581,7 @@ class CountResidualBlock(nnx.Module):
             dtype=dtype, rngs=rngs)
         self.fc1 = nnx.Linear(in_width, out_width, dtype=dtype, rngs=rngs)
         self.bn1 = norm()
-        self.dropout = nnx.Dropout(cfg.head_dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.head_dropout, rngs=rngs)
         self.fc2 = nnx.Linear(out_width, out_width, dtype=dtype, rngs=rngs)
         self.bn2 = norm()
         self.skip = nnx.Linear(in_width, out_width, dtype=dtype, rngs=rngs)

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from spectrax.nn.attention import MultiHeadAttention, attend
+from spectrax.nn.dropout import Dropout
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LABEL_NAMES = ("TEFF", "LOGG", "O_FE", "MG_FE", "FE_H")
@@ -378,8 +379,8 @@ class PostLNBlock(nnx.Module):
         self.linear2 = nnx.Linear(ffn_dim, d_model, dtype=dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
 
     def __call__(self, q, kv, key_mask, *, deterministic: bool, return_weights: bool = False):
         """q: [B, Lq, D]; kv: [B, Lk, D]; key_mask: [B, Lk] bool. Returns [B, Lq, D]
@@ -419,7 +420,7 @@ class SpectraFMDecoder(nnx.Module):
         widths = (cfg.d_model,) + tuple(cfg.decoder_mlp)
         self.mlp = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs)
                              for a, b in zip(widths[:-1], widths[1:])])
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.dropout, rngs=rngs)
         self.pred_head = nnx.Linear(widths[-1], 1, dtype=dtype, rngs=rngs)
         self.logvar_head = nnx.Linear(widths[-1], 1, dtype=dtype, rngs=rngs)
 

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from spectrax.data.preprocess import masked_median
-from spectrax.nn import MultiHeadAttention, TransformerEncoder, WavelengthEmbedding
+from spectrax.nn import Dropout, MultiHeadAttention, TransformerEncoder, WavelengthEmbedding
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -441,7 +441,7 @@ class AdaptationHead(nnx.Module):
                                             implementation=attention, rngs=rngs)
         self.norm = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp_in = nnx.Linear(d_model, mlp_dim, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.mlp_out = nnx.Linear(mlp_dim, num_outputs, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens, token_mask, *, train: bool = False):

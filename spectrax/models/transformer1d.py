@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectrax.nn import TransformerEncoder, sinusoidal_embedding
+from spectrax.nn import Dropout, TransformerEncoder, sinusoidal_embedding
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -185,7 +185,7 @@ class Transformer1D(nnx.Module):
         d, p, dtype = cfg.d_model, cfg.patch_size, cfg.compute_dtype
         self.flux_proj = nnx.Linear(p, d, dtype=dtype, rngs=rngs)
         self.wavelength_proj = nnx.Linear(p, d, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dropout = Dropout(cfg.dropout, rngs=rngs)
         self.encoder = TransformerEncoder(
             cfg.num_layers, d, cfg.num_heads, cfg.ffn_dim, cfg.dropout, cfg.activation,
             norm_first=cfg.norm_first, eps=cfg.layer_norm_eps, final_norm=cfg.norm_first,

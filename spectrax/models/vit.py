@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectrax.nn import TransformerEncoder
+from spectrax.nn import Dropout, TransformerEncoder
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -269,7 +269,7 @@ class ViTHead(nnx.Module):
         self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs)
                                 for a, b in zip(widths[:-1], widths[1:])])
         self.out = nnx.Linear(widths[-1], num_outputs, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
 
     def __call__(self, features, *, train: bool = False):
         """features [B, D] -> [B, K] float32."""

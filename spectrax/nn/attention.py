@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectrax.nn.dropout import Dropout
+
 IMPLEMENTATIONS = ("auto", "deferred", "blocked", "xla", "cudnn")
 
 # Additive bias of a masked score. Finite, so that a block whose keys are all masked gives
@@ -351,7 +353,7 @@ class MultiHeadAttention(nnx.Module):
         self.k_proj = linear()
         self.v_proj = linear()
         self.out_proj = linear()
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
 
     def _split_heads(self, x):
         """[B, L, D] -> [B, L, H, D/H]."""

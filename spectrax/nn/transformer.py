@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 
 from spectrax.nn.attention import MultiHeadAttention
+from spectrax.nn.dropout import Dropout
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
@@ -58,12 +59,12 @@ class TransformerEncoderLayer(nnx.Module):
                                             implementation=attention, rngs=rngs)
         self.activation = activation
         self.linear1 = nnx.Linear(d_model, ffn_dim, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.linear2 = nnx.Linear(ffn_dim, d_model, dtype=dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x, key_mask=None, *, deterministic: bool):
         """x: [B, L, D]; key_mask: [B, L] bool (True = valid) or None. Returns [B, L, D]."""
@@ -107,14 +108,14 @@ class TransformerDecoderLayer(nnx.Module):
                                                  rngs=rngs)
         self.activation = activation
         self.linear1 = nnx.Linear(d_model, ffn_dim, dtype=dtype, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = Dropout(dropout, rngs=rngs)
         self.linear2 = nnx.Linear(ffn_dim, d_model, dtype=dtype, rngs=rngs)
         self.norm1 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
         self.norm3 = nnx.LayerNorm(d_model, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.dropout1 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout2 = nnx.Dropout(dropout, rngs=rngs)
-        self.dropout3 = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout1 = Dropout(dropout, rngs=rngs)
+        self.dropout2 = Dropout(dropout, rngs=rngs)
+        self.dropout3 = Dropout(dropout, rngs=rngs)
 
     def __call__(self, x, memory, *, self_mask=None, memory_mask=None, deterministic: bool):
         """Decodes.
