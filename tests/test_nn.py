@@ -378,3 +378,22 @@ def test_model_config_resolves_dtype_and_attention():
     cfg.attention = "flash"
     with pytest.raises(ValueError, match="config.model.attention"):
         registry.build_model(cfg, rngs=nnx.Rngs(0))
+
+
+def test_gelu_matches_the_float64_erf_gelu_and_its_derivative():
+    import scipy.special
+
+    from spectrax.nn import gelu
+
+    x = jnp.linspace(-12.0, 12.0, 40_001, dtype=jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    value = 0.5 * x64 * scipy.special.erfc(-x64 / np.sqrt(2.0))
+    slope = (0.5 * scipy.special.erfc(-x64 / np.sqrt(2.0))
+             + x64 * np.exp(-0.5 * x64 ** 2) / np.sqrt(2.0 * np.pi))
+    np.testing.assert_allclose(np.asarray(gelu(x), np.float64), value, rtol=1e-6, atol=1.2e-6)
+    grad = jax.vmap(jax.grad(gelu))(x)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), slope, rtol=1e-6, atol=3e-7)
+    # The same function as jax's exact GELU (erfc form), gradients included.
+    np.testing.assert_allclose(grad, jax.vmap(jax.grad(
+        lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=3e-7)
+    assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from spectrax.nn.activations import gelu
 from spectrax.nn.attention import MultiHeadAttention, attend
 from spectrax.nn.dropout import Dropout
 
@@ -62,11 +63,6 @@ PAPER_LABEL_STATS: dict[str, tuple[float, float]] = {
 MAD_TO_STD = 1.4826
 # |z| beyond this after standardisation is treated as a bad value (NaN, masked).
 STANDARDIZE_CLIP = 10.0
-
-
-def _gelu(x):
-    # PyTorch's F.gelu (the reference) is the exact erf form, not the tanh approximation.
-    return jax.nn.gelu(x, approximate=False)
 
 
 def _is_concrete(*arrays) -> bool:
@@ -281,7 +277,7 @@ class TokenEmbedding(nnx.Module):
         """
         w = _lookup(self.weight[...], token_ids)
         b = _lookup(self.bias[...], token_ids)
-        e = _gelu(w * values[..., None].astype(jnp.float32) + b)
+        e = gelu(w * values[..., None].astype(jnp.float32) + b)
         return e + wavelength_encoding(wavelength, self.cfg)
 
     def request(self, request_ids):
@@ -391,7 +387,7 @@ class PostLNBlock(nnx.Module):
         if return_weights:
             attended, weights = attended
         h = self.norm1(q + self.dropout1(attended, deterministic=deterministic))
-        ffn = self.linear2(_gelu(self.linear1(h)))
+        ffn = self.linear2(gelu(self.linear1(h)))
         out = self.norm2(h + self.dropout2(ffn, deterministic=deterministic))
         return (out, weights) if return_weights else out
 
@@ -441,7 +437,7 @@ class SpectraFMDecoder(nnx.Module):
                 x = block(x, memory, key_mask, deterministic=deterministic)
         x = x[:, 0, :]
         for layer in self.mlp:
-            x = self.dropout(_gelu(layer(x)), deterministic=deterministic)
+            x = self.dropout(gelu(layer(x)), deterministic=deterministic)
         return self.pred_head(x)[:, 0], self.logvar_head(x)[:, 0], weights
 
 

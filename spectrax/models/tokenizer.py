@@ -55,7 +55,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from spectrax.data.preprocess import masked_median
-from spectrax.nn import Dropout, MultiHeadAttention, TransformerEncoder, WavelengthEmbedding
+from spectrax.nn import (Dropout, MultiHeadAttention, TransformerEncoder, WavelengthEmbedding,
+                         gelu)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -451,7 +452,7 @@ class AdaptationHead(nnx.Module):
         query = jnp.broadcast_to(self.query[...], (tokens.shape[0], 1, tokens.shape[-1]))
         pooled = self.attention(query.astype(tokens.dtype), tokens, token_mask,
                                 deterministic=not train)[:, 0, :]
-        h = jax.nn.gelu(self.mlp_in(self.norm(pooled)), approximate=False)
+        h = gelu(self.mlp_in(self.norm(pooled)))
         return self.mlp_out(self.dropout(h, deterministic=not train)).astype(jnp.float32)
 
 

@@ -1,5 +1,6 @@
 """Layers shared by the spectrax models: wavelength embeddings, masked attention, transformer
-blocks (post-/pre-LN, PyTorch-compatible layouts), byte-resolution dropout."""
+blocks (post-/pre-LN, PyTorch-compatible layouts), byte-resolution dropout, the exact GELU."""
+from spectrax.nn.activations import gelu
 from spectrax.nn.attention import (IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS,
                                    MultiHeadAttention, attend)
 from spectrax.nn.dropout import Dropout
@@ -9,7 +10,7 @@ from spectrax.nn.transformer import (ACTIVATIONS, TransformerDecoder, Transforme
                                      TransformerEncoder, TransformerEncoderLayer)
 
 __all__ = [
-    "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "DEFAULT_MAX_PERIOD", "DEFAULT_MIN_PERIOD", "Dropout",
-    "MultiHeadAttention", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
-    "TransformerEncoderLayer", "WavelengthEmbedding", "attend", "sinusoidal_embedding",
+    "ACTIVATIONS", "ATTENTION_IMPLEMENTATIONS", "DEFAULT_MAX_PERIOD", "DEFAULT_MIN_PERIOD",
+    "Dropout", "MultiHeadAttention", "TransformerDecoder", "TransformerDecoderLayer", "TransformerEncoder",
+    "TransformerEncoderLayer", "WavelengthEmbedding", "attend", "gelu", "sinusoidal_embedding",
 ]

@@ -13,13 +13,14 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from spectrax.nn.activations import gelu
 from spectrax.nn.attention import MultiHeadAttention
 from spectrax.nn.dropout import Dropout
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": jax.nn.relu,
     # PyTorch's "gelu" is the exact (erf) form, not the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
 }
 
 
