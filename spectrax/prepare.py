@@ -324,5 +324,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    runtime.configure()  # XLA:CPU flag and log levels, before any computation
+    # XLA:CPU flag and log levels, before any computation; freed memory goes back to the system
+    # (prepare streams groups of spectra in bounded memory, a worker at a time).
+    runtime.configure(keep_freed_memory=False)
     run()

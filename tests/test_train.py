@@ -237,3 +237,36 @@ def test_every_config_file_is_a_complete_experiment():
         assert c.data.simulator or c.data.path, path
         with pytest.raises(AttributeError):
             c.no_such_key = 1  # locked: a misspelt override is an error
+
+
+def test_configure_makes_glibc_keep_freed_memory_unless_asked_not_to():
+    """The allocator setting (runtime.retain_freed_memory) takes: a 64 MiB block freed and
+    allocated again is not faulted in again page by page."""
+    import subprocess
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    code = """
+import ctypes, resource, sys, spectrax.runtime as r
+r.configure(keep_freed_memory=sys.argv[1] == "1")
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def cycle():   # 64 MiB from malloc, touched, freed (numpy would ask for huge pages itself)
+    block = libc.malloc(1 << 26)
+    ctypes.memset(block, 1, 1 << 26)
+    libc.free(block)
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "SPECTRAX_SYSTEM_MALLOC"}
+    count = lambda flag: int(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, flag], env=env, capture_output=True, text=True,
+        timeout=120, check=True).stdout.split()[-1])
+    kept, returned = count("1"), count("0")
+    pages = 5 * (1 << 26) // 4096
+    assert returned > 0.9 * pages      # every block faulted in again: the test can tell
+    assert kept < 0.05 * pages
