@@ -48,9 +48,9 @@ def retain_freed_memory() -> bool:
     still maps when the heap cannot grow) and no trimming below 2 GiB (``M_TRIM_THRESHOLD``),
     freed blocks are reused: 0-3,000 faults per step, and steps of SpecPT 'small' 361 → 277-282
     ms, SpectraFM 'small' 562 → 514 ms; ViT tiny and the 1D transformer unchanged within the
-    noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch keeps freed CPU memory the
-    same way only with its caching allocator; in the benchmarks both run in one process, with
-    this setting.
+    noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors come from the
+    same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step): the benchmarks
+    run both in one process, with this setting, so their ratios compare like with like.
 
     The cost: the process's resident memory stays at its peak (as a GPU runtime's preallocated
     pool does). Must run before the threads that allocate start (JAX's, Grain's): call it
