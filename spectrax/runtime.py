@@ -44,11 +44,14 @@ def retain_freed_memory() -> bool:
     large blocks with ``mmap`` and unmaps them on ``free``, so every step faults the same
     memory in again, one 4 KiB page at a time: SpecPT 'small' took ~87,000 minor page faults
     per training step (its 242 MB gradient kernel among them), SpectraFM 'small' ~130,000.
+    ``M_MMAP_MAX=0`` alone left SpectraFM at ~146,000 (presumably, not verified: the blocks
+    come from threads whose own arenas, heaps of at most 64 MiB, map large blocks regardless).
     With one arena (``M_ARENA_MAX=1``), no ``mmap`` for large blocks (``M_MMAP_MAX=0``; glibc
     still maps when the heap cannot grow) and no trimming below 2 GiB (``M_TRIM_THRESHOLD``),
-    freed blocks are reused: 0-3,000 faults per step, and steps of SpecPT 'small' 361 → 277-282
-    ms, SpectraFM 'small' 562 → 514 ms; ViT tiny and the 1D transformer unchanged within the
-    noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors come from the
+    freed blocks are reused: 0-7,000 faults per step on SpecPT 'small', SpectraFM 'small' and
+    ViT tiny (the 1D transformer 'small' still ~150,000), and steps of SpecPT 'small' 361 →
+    277-282 ms, SpectraFM 'small' 562 → 514 ms; ViT tiny and the 1D transformer unchanged
+    within the noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors come from the
     same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step): the benchmarks
     run both in one process, with this setting, so their ratios compare like with like.
 
