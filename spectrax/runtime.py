@@ -51,9 +51,10 @@ def retain_freed_memory() -> bool:
     freed blocks are reused: 0-7,000 faults per step on SpecPT 'small', SpectraFM 'small' and
     ViT tiny (the 1D transformer 'small' still ~150,000), and steps of SpecPT 'small' 361 →
     277-282 ms, SpectraFM 'small' 562 → 514 ms; ViT tiny and the 1D transformer unchanged
-    within the noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors come from the
-    same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step): the benchmarks
-    run both in one process, with this setting, so their ratios compare like with like.
+    within the noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors
+    come from the same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step):
+    the benchmarks run both in one process, with this setting, so their ratios compare like
+    with like.
 
     The cost: the process's resident memory stays at its peak (as a GPU runtime's preallocated
     pool does). Must run before the threads that allocate start (JAX's, Grain's): call it

@@ -3,10 +3,10 @@
 ``flax.nnx.Dropout`` draws a float32 uniform (one 32-bit threefry word) per element. On XLA:CPU
 the threefry hash is the cost: ~11 ns per word on the 2-core development machine; in the profile
 of the 1D transformer ``small`` the hashing fusions of its dropout masks ([32, 580, 512] words)
-came to ~258 ms of 1.7 s of ops, the largest cost after the matmuls. :class:`Dropout` hashes
-one word per four elements and compares each byte with a threshold: 2.8× less time per mask ([32, 580, 512]: 42 ms vs 118 ms), and whole training
-steps 9 % (SpectraFM ``small``) to 21 % (1D transformer ``small``) shorter (2-core x86 VM,
-2026-12-06).
+came to ~258 ms of 1.7 s of ops, the largest cost after the matmuls. :class:`Dropout` hashes one
+word per four elements and compares each byte with a threshold: 2.8× less time per mask ([32,
+580, 512]: 42 ms vs 118 ms), and whole training steps 9 % (SpectraFM ``small``) to 21 % (1D
+transformer ``small``) shorter (2-core x86 VM, 2026-12-06).
 
 The price is resolution: the drop probability is a multiple of 1/256, the nearest to the
 configured rate (0.1 -> 26/256 = 0.1016, 0.05 -> 13/256 = 0.0508), and kept values are scaled by
