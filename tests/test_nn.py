@@ -397,3 +397,34 @@ def test_gelu_matches_the_float64_erf_gelu_and_its_derivative():
     np.testing.assert_allclose(grad, jax.vmap(jax.grad(
         lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=3e-7)
     assert gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape,routed", [((32, 1024), True), ((2, 3, 1024), True),
+                                          ((2048, 1024), False)])
+def test_linear_equals_nnx_linear_in_values_and_gradients(shape, routed):
+    """spectrax.nn.Linear: the few-rows input gradient (W·dyᵀ, transposed) is the same sums in
+    the same order as nnx.Linear's; only the operand order handed to the matmul differs."""
+    from spectrax.nn import Linear
+    from spectrax.nn.linear import few_rows
+    ours = Linear(1024, 96, rngs=nnx.Rngs(0))
+    theirs = nnx.Linear(1024, 96, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), shape)
+    rows = int(np.prod(shape[:-1]))
+    assert few_rows(rows, (1024, 96)) == routed
+
+    def loss(model, x):
+        return jnp.sum(jnp.sin(model(x)))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    (g_ours, dx_ours), (g_theirs, dx_theirs) = grad(ours, x), grad(theirs, x)
+    np.testing.assert_array_equal(ours(x), theirs(x))
+    np.testing.assert_allclose(dx_ours, dx_theirs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_ours.kernel[...], g_theirs.kernel[...], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_ours.bias[...], g_theirs.bias[...], rtol=1e-6, atol=1e-6)
+    # Against float64: the input gradient is dy·Wᵀ with dy = cos(x·W + b).
+    w, b = np.asarray(ours.kernel[...], np.float64), np.asarray(ours.bias[...], np.float64)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(dx_ours, np.cos(x64 @ w + b) @ w.T, rtol=1e-4, atol=1e-4)
+    # The few-rows form is taken exactly where the rule says (its barrier is in the program).
+    hlo = jax.jit(jax.grad(loss, argnums=1)).lower(ours, x).as_text()
+    assert ("optimization_barrier" in hlo) == routed

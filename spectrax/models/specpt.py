@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectrax.nn import (Dropout, TransformerDecoder, TransformerEncoder, WavelengthEmbedding,
-                         MultiHeadAttention)
+from spectrax.nn import (Dropout, Linear, MultiHeadAttention, TransformerDecoder,
+                         TransformerEncoder, WavelengthEmbedding)
 from spectrax.nn.embeddings import DEFAULT_MAX_PERIOD, DEFAULT_MIN_PERIOD
 
 ARCHITECTURES = ("paper", "tokens")
@@ -353,9 +353,9 @@ class SpecPTEncoder(nnx.Module):
         dtype = cfg.compute_dtype
         self.stem = ConvStem(cfg, rngs=rngs)
         if cfg.architecture == "paper":
-            self.proj = nnx.Linear(cfg.flat_features, cfg.d_model, dtype=dtype, rngs=rngs)
+            self.proj = Linear(cfg.flat_features, cfg.d_model, dtype=dtype, rngs=rngs)
         else:
-            self.token_proj = nnx.Linear(cfg.conv_channels[-1], cfg.d_model, dtype=dtype,
+            self.token_proj = Linear(cfg.conv_channels[-1], cfg.d_model, dtype=dtype,
                                          rngs=rngs)
             self.wavelength_embedding = WavelengthEmbedding(
                 cfg.wavelength_sinusoids, cfg.d_model, min_period=cfg.wavelength_min_period,
@@ -437,8 +437,8 @@ class SpecPTAutoencoder(nnx.Module):
                 cfg.num_decoder_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
                 cfg.activation, cfg.norm_first, cfg.layer_norm_eps, final_norm=cfg.norm_first,
                 dtype=dtype, attention=cfg.attention, rngs=rngs)
-            self.linear1 = nnx.Linear(cfg.d_model, cfg.flat_features, dtype=dtype, rngs=rngs)
-            self.linear2 = nnx.Linear(cfg.flat_features, cfg.input_length, dtype=dtype,
+            self.linear1 = Linear(cfg.d_model, cfg.flat_features, dtype=dtype, rngs=rngs)
+            self.linear2 = Linear(cfg.flat_features, cfg.input_length, dtype=dtype,
                                       rngs=rngs)
         else:
             self.decoder = TransformerEncoder(
@@ -446,7 +446,7 @@ class SpecPTAutoencoder(nnx.Module):
                 cfg.activation, cfg.norm_first, cfg.layer_norm_eps, final_norm=cfg.norm_first,
                 dtype=dtype, attention=cfg.attention, rngs=rngs)
             _, pixels_per_token = stem_token_geometry(cfg)
-            self.pixel_head = nnx.Linear(cfg.d_model, pixels_per_token, dtype=dtype, rngs=rngs)
+            self.pixel_head = Linear(cfg.d_model, pixels_per_token, dtype=dtype, rngs=rngs)
             # Dropout on a [B, T] array of ones draws the hidden blocks from the 'dropout' RNG
             # stream, which the training loop reseeds from (seed, step).
             self.block_masking = nnx.Dropout(cfg.mask_ratio, rngs=rngs)
@@ -506,9 +506,9 @@ class PositiveOutput(nnx.Module):
         if hidden is None:
             self.hidden = None
         else:
-            self.hidden = nnx.Linear(width, hidden, dtype=dtype, rngs=rngs)
+            self.hidden = Linear(width, hidden, dtype=dtype, rngs=rngs)
         self.dropout = Dropout(dropout, rngs=rngs)
-        self.output = nnx.Linear(width if hidden is None else hidden, 1, dtype=dtype, rngs=rngs)
+        self.output = Linear(width if hidden is None else hidden, 1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
         if self.hidden is not None:
@@ -521,8 +521,8 @@ class TextResidualBlock(nnx.Module):
     """swish(LayerNorm(x + linear2(dropout(swish(linear1(x)))))), width D -> D (paper text)."""
 
     def __init__(self, width: int, dropout: float, *, dtype, rngs: nnx.Rngs):
-        self.linear1 = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
-        self.linear2 = nnx.Linear(width, width, dtype=dtype, rngs=rngs)
+        self.linear1 = Linear(width, width, dtype=dtype, rngs=rngs)
+        self.linear2 = Linear(width, width, dtype=dtype, rngs=rngs)
         self.layer_norm = nnx.LayerNorm(width, epsilon=1e-5, dtype=dtype, rngs=rngs)
         self.dropout = Dropout(dropout, rngs=rngs)
 
@@ -579,12 +579,12 @@ class CountResidualBlock(nnx.Module):
         norm = lambda: nnx.BatchNorm(  # noqa: E731
             out_width, momentum=cfg.flax_batch_norm_momentum, epsilon=cfg.batch_norm_eps,
             dtype=dtype, rngs=rngs)
-        self.fc1 = nnx.Linear(in_width, out_width, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(in_width, out_width, dtype=dtype, rngs=rngs)
         self.bn1 = norm()
         self.dropout = Dropout(cfg.head_dropout, rngs=rngs)
-        self.fc2 = nnx.Linear(out_width, out_width, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(out_width, out_width, dtype=dtype, rngs=rngs)
         self.bn2 = norm()
-        self.skip = nnx.Linear(in_width, out_width, dtype=dtype, rngs=rngs)
+        self.skip = Linear(in_width, out_width, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, train: bool):
         h = _swish(self.bn1(self.fc1(x), use_running_average=not train))
