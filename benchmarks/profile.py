@@ -128,6 +128,7 @@ def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
               top: int = 15) -> dict[str, Any]:
     """Per-step milliseconds by instruction, kind and part, from trace ``events``."""
     by_name: collections.Counter = collections.Counter()
+    op_events = []
     for e in events:
         info = hlo.get(e["name"])
         # A control-flow thunk's event spans the events of the ops it runs: counting both would
@@ -135,6 +136,8 @@ def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
         if _RUNTIME.match(e["name"]) or (info and info["opcode"] in _CONTROL_FLOW):
             continue
         by_name[e["name"]] += e["dur"] / 1e3 / steps     # µs -> ms per step
+        if info is not None:
+            op_events.append(e)
     total = sum(by_name.values())
     by_kind: collections.Counter = collections.Counter()
     by_part: collections.Counter = collections.Counter()
@@ -149,10 +152,37 @@ def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
                      "kind": op_kind(info), "part": op_part(info),
                      "shape": info["shape"] if info else "?",
                      "source": (info["op_name"][-90:] if info else "")})
-    return {"ops_ms": round(total, 1),
+    return {"ops_ms": round(total, 1), **untraced(op_events, hlo, steps),
             "by_part": {k: round(v, 1) for k, v in by_part.most_common()},
             "by_kind": {k: round(v, 1) for k, v in by_kind.most_common(top)},
             "top_ops": rows}
+
+
+def untraced(op_events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
+             top: int = 5) -> dict[str, Any]:
+    """Time per step inside the traced span during which no op's event is open, and the longest
+    such gaps with the ops either side.
+
+    XLA:CPU runs large dots and convolutions on Eigen's thread pool and their trace event ends
+    before the work does: a jitted 32 × 7792 · 32 × 7781 weight-gradient dot followed by a
+    reduction showed a 74 ms dot event, then 74 ms with no event, then the reduction (2-core
+    VM, 2026-12-06). So the op sums undercount dots and convolutions; the gaps hold the rest
+    (plus true idling, e.g. waiting for the host). An op after a long gap is usually waiting for
+    a dot or convolution that precedes it."""
+    if not op_events:
+        return {"untraced_ms": 0.0, "longest_gaps": []}
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in op_events)
+    busy_end, last_name, gaps = spans[0][1], spans[0][2], []
+    for start, end, name in spans[1:]:
+        if start > busy_end:
+            gaps.append((start - busy_end, last_name, name))
+        if end >= busy_end:
+            busy_end, last_name = end, name
+    longest = [{"ms": round(g / 1e3, 2), "after": a, "after_kind": op_kind(hlo.get(a)),
+                "before": b, "before_kind": op_kind(hlo.get(b))}
+               for g, a, b in sorted(gaps, reverse=True)[:top]]
+    return {"untraced_ms": round(sum(g for g, _, _ in gaps) / 1e3 / steps, 1),
+            "longest_gaps": longest}
 
 
 def memory_bandwidth(megabytes: int = 256, reps: int = 7) -> dict[str, float]:
@@ -242,7 +272,8 @@ def profile_config(name: str, *, steps: int = 5, batch: int = 0, n_train: int = 
 def format_summary(s: dict[str, Any]) -> str:
     """A plain-text table of one :func:`profile_config` result."""
     lines = [f"== {s['config']} (batch {s['batch']}): step {s['step_ms_traced']} ms wall while "
-             f"traced, ops {s['ops_ms']} ms, load {s['loadavg']}",
+             f"traced, ops {s['ops_ms']} ms, no op traced {s['untraced_ms']} ms (async dots and "
+             f"convolutions: see untraced()), load {s['loadavg']}",
              *([f"optimizer: {s['optimizer_bound']['measured_ms']} ms of ops; bandwidth bound "
                 f"{s['optimizer_bound']['bound_ms']} ms ({s['optimizer_bound']['bytes'] / 1e9:.2f}"
                 f" GB at {s['optimizer_bound']['bandwidth_gb_s']} GB/s, "
@@ -255,6 +286,8 @@ def format_summary(s: dict[str, Any]) -> str:
     for r in s["top_ops"]:
         lines.append(f"{r['op'][:33]:<34}{r['ms']:>8.1f}{100 * r['share']:>6.1f}%  "
                      f"{r['part']:<9} {r['kind'][:28]:<28} {r['shape']}  {r['source']}")
+    lines += [f"gap {g['ms']:>7.1f} ms after {g['after']} ({g['after_kind']}) before "
+              f"{g['before']} ({g['before_kind']})" for g in s["longest_gaps"]]
     return "\n".join(lines)
 
 

@@ -241,10 +241,14 @@ def test_profile_names_ops_from_the_hlo_and_sums_trace_events():
     loops = [n for n, i in hlo.items() if i["opcode"] == "while"]
     assert loops and any("exponential" in k for k in kinds.values())
     fusion = next(n for n, k in kinds.items() if "exponential" in k)
-    events = [{"name": fusion, "dur": 3000.0}, {"name": fusion, "dur": 1000.0},
-              {"name": loops[0], "dur": 9000.0}, {"name": "PjitFunction(f)", "dur": 9e6}]
+    events = [{"name": fusion, "ts": 0.0, "dur": 3000.0},
+              {"name": fusion, "ts": 5000.0, "dur": 1000.0},
+              {"name": loops[0], "ts": 0.0, "dur": 9000.0},
+              {"name": "PjitFunction(f)", "ts": 0.0, "dur": 9e6}]
     s = profile.summarise(events, hlo, steps=2, top=5)
     assert s["ops_ms"] == 2.0 and s["top_ops"][0]["op"] == fusion
+    # 2 ms between the two op events (the loop's and the runtime's spans do not fill gaps).
+    assert s["untraced_ms"] == 1.0 and s["longest_gaps"][0]["ms"] == 2.0
     assert s["top_ops"][0]["part"] in ("forward", "backward")
     assert any(profile.op_part(hlo[n]) == "optimizer" for n in hlo
                if hlo[n]["opcode"] in ("fusion", "multiply", "subtract"))
