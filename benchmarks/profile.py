@@ -161,7 +161,7 @@ def summarise(events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
 def untraced(op_events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
              top: int = 5) -> dict[str, Any]:
     """Time per step inside the traced span during which no op's event is open, and the longest
-    such gaps with the ops either side.
+    such gaps (ms per step, between the same two ops) with the ops either side.
 
     XLA:CPU runs large dots and convolutions on Eigen's thread pool and their trace event ends
     before the work does: a jitted 32 × 7792 · 32 × 7781 weight-gradient dot followed by a
@@ -178,9 +178,12 @@ def untraced(op_events: list[dict], hlo: dict[str, dict[str, Any]], steps: int,
             gaps.append((start - busy_end, last_name, name))
         if end >= busy_end:
             busy_end, last_name = end, name
-    longest = [{"ms": round(g / 1e3, 2), "after": a, "after_kind": op_kind(hlo.get(a)),
+    by_place: collections.Counter = collections.Counter()   # the same gap recurs every step
+    for g, a, b in gaps:
+        by_place[a, b] += g / 1e3 / steps
+    longest = [{"ms": round(ms, 2), "after": a, "after_kind": op_kind(hlo.get(a)),
                 "before": b, "before_kind": op_kind(hlo.get(b))}
-               for g, a, b in sorted(gaps, reverse=True)[:top]]
+               for (a, b), ms in by_place.most_common(top)]
     return {"untraced_ms": round(sum(g for g, _, _ in gaps) / 1e3 / steps, 1),
             "longest_gaps": longest}
 

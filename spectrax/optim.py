@@ -18,10 +18,12 @@ is therefore the ``adamw`` kernel of :mod:`spectrax.kernels` (an XLA FFI custom 
 first use): one read of parameters, gradients and moments, one write of parameters and moments,
 on XLA's intra-op threads, with the float32 arithmetic of the XLA path (which contracts
 multiply-adds into FMAs where the kernel rounds each operation: they agree to an ulp,
-tests/test_optim_kernel.py). SpecPT 'small''s update (66 M parameters, norm included) 63 → 42
-ms, its training step 280 → 245 ms (2-core x86 VM, 2026-12-06, medians, alternating runs). Where
-the kernel cannot be built, on accelerators, with several devices (a custom call has no
-sharding rule) and with ``SPECTRAX_CPU_KERNELS=0`` the XLA path runs.
+tests/test_optim_kernel.py). Clipping + AdamW of 65 M parameters in SpecPT 'small''s shapes
+(a 7792 × 7781 kernel among them), the norm included: 60.7 → 30.9 ms (2-core x86 VM,
+2026-12-06, medians of 7, one process each way; XLA's three fusions measured 26 / 25 / 23 ms on
+the big kernel alone in an earlier profile). Where the kernel cannot be built, on
+accelerators, with several devices (a custom call has no sharding rule) and with
+``SPECTRAX_CPU_KERNELS=0`` the XLA path runs.
 
 The optimiser state keeps optax's layout (``build_optimizer`` returns an optax
 ``GradientTransformation`` whose ``init`` makes it), so checkpoints written before the fused step

@@ -22,9 +22,10 @@ M      K     N     dy @ Wᵀ (ms)   W·dyᵀ, then ᵀ   ratio
 
 So :func:`dot_general` takes the second form on CPU when ``4·M ≤ K`` (and the weight has at
 least 2¹⁶ elements: below that neither form costs anything); elsewhere, and on GPU/TPU (whose
-matmul libraries take any operand order), it is ``jax.lax.dot_general``. The values are the
-same products summed in the same order (the tests compare them bit for bit); only the
-operand order handed to the matmul library differs. SpecPT's flattened-spectrum layers (32 ×
+matmul libraries take any operand order), it is ``jax.lax.dot_general``. The gradient is the
+same sum of the same products; only the operand order handed to the matmul library differs,
+and with it, possibly, the blocking of the sum (identical in every shape above; the tests
+require agreement with ``nnx.Linear`` to float32 rounding). SpecPT's flattened-spectrum layers (32 ×
 7792 → 7781 in ``small``) are the case this is for.
 """
 from __future__ import annotations
