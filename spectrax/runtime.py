@@ -47,11 +47,16 @@ def retain_freed_memory() -> bool:
     ``M_MMAP_MAX=0`` alone left SpectraFM at ~146,000 (presumably, not verified: the blocks
     come from threads whose own arenas, heaps of at most 64 MiB, map large blocks regardless).
     With one arena (``M_ARENA_MAX=1``), no ``mmap`` for large blocks (``M_MMAP_MAX=0``; glibc
-    still maps when the heap cannot grow) and no trimming below 2 GiB (``M_TRIM_THRESHOLD``),
-    freed blocks are reused: 0-7,000 faults per step on SpecPT 'small', SpectraFM 'small' and
-    ViT tiny (the 1D transformer 'small' still ~150,000), and steps of SpecPT 'small' 361 →
-    277-282 ms, SpectraFM 'small' 562 → 514 ms; ViT tiny and the 1D transformer unchanged
-    within the noise (2-core x86 VM, 2026-12-06, alternating runs). PyTorch's CPU tensors
+    still maps when the heap cannot grow) and no trimming (``M_TRIM_THRESHOLD=-1``), freed
+    blocks are reused: 0-7,000 faults per step on SpecPT 'small', SpectraFM 'small' and ViT
+    tiny, and steps of SpecPT 'small' 361 → 277-282 ms, SpectraFM 'small' 562 → 514 ms; ViT
+    tiny unchanged within the noise (2-core x86 VM, 2026-12-06, alternating runs). Trimming
+    was first only raised to 2 GiB, mallopt's largest positive value; the 1D transformer
+    'small''s heap then crossed it every 6-12 steps, glibc gave 2.35 GB back in one ``brk``
+    (strace) and the next step faulted ~370,000 pages in again (~+450 ms). Off entirely, its
+    steps are 1,499 / 1,762 → 1,391 / 1,382 ms (~40,000 faults, from the heap growing to its
+    plateau: resident memory 2.2-3.0 GB cycling → 3.0-4.2 GB held); tokenizer and SpectraFM
+    'small' unchanged (alternating runs, same day). PyTorch's CPU tensors
     come from the same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step):
     the benchmarks run both in one process, with this setting, so their ratios compare like
     with like.
@@ -68,7 +73,7 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(libc.mallopt(_M_ARENA_MAX, 1) & libc.mallopt(_M_MMAP_MAX, 0)
-                & libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+                & libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def tune_xla_cpu() -> None:

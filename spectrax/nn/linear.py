@@ -24,9 +24,9 @@ So :func:`dot_general` takes the second form on CPU when ``4·M ≤ K`` (and the
 least 2¹⁶ elements: below that neither form costs anything); elsewhere, and on GPU/TPU (whose
 matmul libraries take any operand order), it is ``jax.lax.dot_general``. The gradient is the
 same sum of the same products; only the operand order handed to the matmul library differs,
-and with it, possibly, the blocking of the sum (identical in every shape above; the tests
-require agreement with ``nnx.Linear`` to float32 rounding). SpecPT's flattened-spectrum layers (32 ×
-7792 → 7781 in ``small``) are the case this is for.
+and with it, possibly, the blocking of the sum (bit-identical in the shapes compared; the
+tests require agreement with ``nnx.Linear`` to float32 rounding). SpecPT's flattened-spectrum
+layers (32 × 7792 → 7781 in ``small``) are the case this is for.
 """
 from __future__ import annotations
 
