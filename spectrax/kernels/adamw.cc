@@ -6,7 +6,7 @@
 // memory-traffic minimum. The arithmetic is spectrax.optim's fused AdamW (optax's order),
 // operation for operation, in float32, each operation rounded once (built with
 // -ffp-contract=off). XLA:CPU contracts multiply-adds into FMAs, so the two paths differ by
-// rounding (an ulp), not more.
+// rounding only (about an ulp a step; tests/test_optim_kernel.py bounds it over 5 steps).
 //
 // Call: arguments (step, p_0..p_{n-1}, g_0.., m_0.., v_0..), results (p_0.., m_0.., v_0..),
 // each result aliased to its argument (updated in place). `step` is float32[5]:
