@@ -402,8 +402,9 @@ def test_gelu_matches_the_float64_erf_gelu_and_its_derivative():
 @pytest.mark.parametrize("shape,routed", [((32, 1024), True), ((2, 3, 1024), True),
                                           ((2048, 1024), False)])
 def test_linear_equals_nnx_linear_in_values_and_gradients(shape, routed):
-    """spectrax.nn.Linear: the few-rows input gradient (W·dyᵀ, transposed) is the same sums in
-    the same order as nnx.Linear's; only the operand order handed to the matmul differs."""
+    """spectrax.nn.Linear: the few-rows input gradient (W·dyᵀ, transposed) is the same sums of
+    the same products as nnx.Linear's (to float32 rounding) and float64's; only the operand
+    order handed to the matmul differs."""
     from spectrax.nn import Linear
     from spectrax.nn.linear import few_rows
     ours = Linear(1024, 96, rngs=nnx.Rngs(0))

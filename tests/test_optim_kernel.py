@@ -1,7 +1,8 @@
 """The CPU AdamW kernel (spectrax/kernels/adamw.cc) against the XLA path of
 spectrax.optim.apply_step: parameters and moments equal to rounding over several steps (clipping
 on and off, weight decay, frozen and non-float32 leaves, leaves spanning several work items,
-a skipped step, donated buffers), and a build that fails falls back with a reason."""
+a skipped step, donated buffers), and a kernel that cannot be built says why (KernelUnavailable,
+which spectrax.kernels.load turns into a warning and the XLA path)."""
 from __future__ import annotations
 
 import shutil

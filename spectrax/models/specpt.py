@@ -356,7 +356,7 @@ class SpecPTEncoder(nnx.Module):
             self.proj = Linear(cfg.flat_features, cfg.d_model, dtype=dtype, rngs=rngs)
         else:
             self.token_proj = Linear(cfg.conv_channels[-1], cfg.d_model, dtype=dtype,
-                                         rngs=rngs)
+                                     rngs=rngs)
             self.wavelength_embedding = WavelengthEmbedding(
                 cfg.wavelength_sinusoids, cfg.d_model, min_period=cfg.wavelength_min_period,
                 max_period=cfg.wavelength_max_period, dtype=dtype, rngs=rngs)
@@ -439,7 +439,7 @@ class SpecPTAutoencoder(nnx.Module):
                 dtype=dtype, attention=cfg.attention, rngs=rngs)
             self.linear1 = Linear(cfg.d_model, cfg.flat_features, dtype=dtype, rngs=rngs)
             self.linear2 = Linear(cfg.flat_features, cfg.input_length, dtype=dtype,
-                                      rngs=rngs)
+                                  rngs=rngs)
         else:
             self.decoder = TransformerEncoder(
                 cfg.num_decoder_layers, cfg.d_model, cfg.num_heads, cfg.ffn_dim, cfg.dropout,
