@@ -56,13 +56,12 @@ def retain_freed_memory() -> bool:
     (strace) and the next step faulted ~370,000 pages in again (~+450 ms). Off entirely, its
     steps are 1,499 / 1,762 → 1,391 / 1,382 ms (~40,000 faults, from the heap growing to its
     plateau: resident memory 2.2-3.0 GB cycling → 3.0-4.2 GB held); tokenizer and SpectraFM
-    'small' unchanged (alternating runs, same day). PyTorch's CPU tensors
-    come from the same malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step):
-    the benchmarks run both in one process, with this setting, so their ratios compare like
-    with like.
+    'small' unchanged (alternating runs, same day). PyTorch's CPU tensors come from the same
+    malloc and gain as much (SpecPT 'small' eager 517 -> 330 ms a step): the benchmarks run
+    both in one process, with this setting, so their ratios compare like with like.
 
-    The cost: the process's resident memory stays at its peak (as a GPU runtime's preallocated
-    pool does). Must run before the threads that allocate start (JAX's, Grain's): call it
+    The cost: the process's resident memory stays at its peak, fragmentation included (as a GPU
+    runtime's preallocated pool does). Must run before the threads that allocate start (JAX's, Grain's): call it
     first thing, as :func:`configure` does.
     """
     if os.environ.get("SPECTRAX_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
