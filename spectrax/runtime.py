@@ -61,8 +61,8 @@ def retain_freed_memory() -> bool:
     both in one process, with this setting, so their ratios compare like with like.
 
     The cost: the process's resident memory stays at its peak, fragmentation included (as a GPU
-    runtime's preallocated pool does). Must run before the threads that allocate start (JAX's, Grain's): call it
-    first thing, as :func:`configure` does.
+    runtime's preallocated pool does). Must run before the threads that allocate start (JAX's,
+    Grain's): call it first thing, as :func:`configure` does.
     """
     if os.environ.get("SPECTRAX_SYSTEM_MALLOC") == "1" or not sys.platform.startswith("linux"):
         return False
